@@ -1,0 +1,3 @@
+from iris_fast.cli import main
+import sys
+sys.exit(main())

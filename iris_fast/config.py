@@ -1,0 +1,57 @@
+"""Server settings: one dataclass, filled from the command line (``iris-fast serve``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Every knob of one iris-fast node, with the embedded defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8085
+    http_host: str = "127.0.0.1"
+    http_port: int = 9085
+    data_dir: str = "./iris-data"
+    node_id: str = field(default_factory=socket.gethostname)
+    auth_secret: str | None = None
+    insecure: bool = False
+    max_frame: int = 65536
+    max_inflight: int = 256
+    max_inflight_bytes: int = 1 << 20
+    max_pending_sends: int = 1024
+    mailbox_limit: int = 10_000
+    max_errors: int = 16
+    login_timeout: float = 10.0
+    hibernate_after: float = 15.0
+    dedup_entries: int = 1_000_000
+    dedup_age_s: float = 3600.0
+    lmdb_map_size: int = 1 << 30
+    shutdown_grace: float = 5.0
+
+    def check(self) -> None:
+        """Refuse settings that would be unsafe or meaningless; raises ValueError."""
+        if not self.auth_secret and not self.insecure and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve {self.host} without --auth-secret: anyone could log in as "
+                "anyone; bind a loopback address, give --auth-secret, or pass --insecure"
+            )
+        if not 16 <= self.max_frame <= 16 * 1024 * 1024:
+            raise ValueError("--max-frame must be between 16 bytes and 16 MiB")
+        for name in ("max_inflight", "mailbox_limit", "max_errors", "max_pending_sends"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        os.makedirs(self.data_dir, exist_ok=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

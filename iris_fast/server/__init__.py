@@ -1,0 +1,1 @@
+"""The iris-fast server: worker engine, HTTP endpoints, process entry point."""

@@ -1,0 +1,63 @@
+"""``GET /health`` and ``GET /metrics`` on the HTTP port.
+
+A deliberately tiny HTTP/1.1 responder on the worker's own event loop (one request per
+connection, ``Connection: close``): two read-only endpoints for operators and Prometheus do not
+justify a web framework in the server's dependency tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+MAX_REQUEST = 8192
+
+
+class HttpEndpoint(asyncio.Protocol):
+    """Serves the routes given as {path: () -> (content_type, body)}."""
+
+    def __init__(self, routes: dict[str, Callable[[], tuple[str, bytes]]]) -> None:
+        self.routes = routes
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf and b"\n\n" not in self.buf:
+            if len(self.buf) > MAX_REQUEST:
+                self._reply(431, "text/plain", b"request header too large\n")
+            return
+        line = self.buf.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = line.split()
+        if len(parts) < 2:
+            self._reply(400, "text/plain", b"bad request\n")
+            return
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            self._reply(405, "text/plain", b"only GET\n")
+            return
+        route = self.routes.get(target)
+        if route is None:
+            self._reply(404, "text/plain", b"not found; try /health or /metrics\n")
+            return
+        ctype, body = route()
+        self._reply(200, ctype, b"" if method == "HEAD" else body)
+
+    def _reply(self, status: int, ctype: str, body: bytes) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large"}[status]
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        assert self.transport is not None
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+def json_route(fn: Callable[[], dict]) -> Callable[[], tuple[str, bytes]]:
+    return lambda: ("application/json", json.dumps(fn()).encode() + b"\n")

@@ -1,0 +1,126 @@
+"""Prometheus metrics of one node (prometheus-client), rendered for ``GET /metrics``."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from iris_fast.connection import io_stats
+
+if TYPE_CHECKING:
+    from iris_fast.server.worker import Worker
+
+
+class NodeMetrics:
+    """The registry of one node: storage metrics observed directly, the rest collected."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.lmdb_batch = Histogram(
+            "iris_lmdb_batch_size",
+            "Storage operations per LMDB transaction (one fsync each): the group-commit factor",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+            registry=self.registry,
+        )
+        self.lmdb_commit_seconds = Histogram(
+            "iris_lmdb_commit_seconds",
+            "Time to apply and fsync one LMDB transaction",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.fsyncs = Counter(
+            "iris_lmdb_fsyncs", "LMDB transactions committed with fsync", registry=self.registry
+        )
+
+    def on_commit(self, ops: int, seconds: float) -> None:
+        """Called by the storage writer thread after each commit."""
+        if ops:
+            self.lmdb_batch.observe(ops)
+            self.fsyncs.inc()
+            self.lmdb_commit_seconds.observe(seconds)
+
+    def attach(self, worker: Worker, started: float) -> None:
+        self.registry.register(_WorkerCollector(worker, started))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc (0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class _WorkerCollector:
+    def __init__(self, worker: Worker, started: float) -> None:
+        self.worker = worker
+        self.started = started
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.worker
+        s = w.stats
+        counters = {
+            "iris_connections_opened": ("Client connections accepted", s.connections_opened),
+            "iris_logins": ("Successful logins", s.logins),
+            "iris_auth_failures": ("Logins refused by token checks", s.auth_failures),
+            "iris_messages_received": ("SEND frames accepted for processing", s.received),
+            "iris_deliveries_sent": ("DELIVER frames written (incl. redeliveries)", s.deliveries_sent),
+            "iris_messages_delivered": ("Deliveries acknowledged by the device", s.delivered),
+            "iris_messages_stored": ("Messages made durable in a mailbox", s.stored),
+            "iris_messages_deduplicated": ("Resends absorbed by the dedup window", s.deduplicated),
+            "iris_messages_refused": ("Messages refused (mailbox full, bad recipient)", s.refused),
+            "iris_login_timeouts": ("Connections closed for not logging in", s.login_timeouts),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+        rejected = CounterMetricFamily(
+            "iris_frames_rejected", "Frames or connections rejected, by reason", labels=["reason"]
+        )
+        for reason, value in sorted(s.rejected_by_reason.items()):
+            rejected.add_metric([reason], value)
+        yield rejected
+        writes, frames, bytes_out, bytes_in, hibernations = io_stats()
+        yield CounterMetricFamily("iris_socket_writes", "transport.write calls", value=writes)
+        yield CounterMetricFamily("iris_frames_out", "Frames written to clients", value=frames)
+        yield CounterMetricFamily("iris_bytes_out", "Bytes written to clients", value=bytes_out)
+        yield CounterMetricFamily("iris_bytes_in", "Bytes read from clients", value=bytes_in)
+        yield CounterMetricFamily(
+            "iris_hibernations", "Idle connections that released their buffers", value=hibernations
+        )
+        yield GaugeMetricFamily(
+            "iris_write_batch_avg",
+            "Average frames per socket write (network batching efficiency)",
+            value=frames / writes if writes else 0.0,
+        )
+        yield GaugeMetricFamily("iris_connections", "Open client connections", value=len(w.connections))
+        yield GaugeMetricFamily("iris_sessions", "Logged-in sessions", value=len(w.sessions))
+        inflight = sum(len(c.inflight) for c in w.sessions.values() if c.inflight)
+        yield GaugeMetricFamily("iris_inflight_deliveries", "Deliveries awaiting DELIVER_ACK", value=inflight)
+        yield GaugeMetricFamily("iris_dedup_entries", "Entries in the dedup window", value=len(w.dedup))
+        yield GaugeMetricFamily("iris_storage_queue", "Storage operations waiting for the writer", value=w.store.queued)
+        rss = rss_bytes()
+        yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)
+        conns = len(w.connections)
+        yield GaugeMetricFamily(
+            "iris_memory_per_connection_bytes",
+            "RSS divided by open connections (includes the fixed cost of the process)",
+            value=rss / conns if conns else 0.0,
+        )
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        yield CounterMetricFamily(
+            "iris_cpu_seconds", "CPU time of the process (user+system)", value=ru.ru_utime + ru.ru_stime
+        )
+        yield GaugeMetricFamily("iris_uptime_seconds", "Seconds since start", value=time.time() - self.started)

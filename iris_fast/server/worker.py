@@ -1,0 +1,449 @@
+"""The message engine of one worker process: sessions, routing, delivery windows, mailboxes.
+
+One ``Worker`` runs on one event loop. Connections (``iris_fast.connection.Connection``) call its
+``on_*`` methods with decoded frames; it answers through ``Connection.send``.
+
+Delivery model (docs/architecture.md has the reasoning):
+
+* Every accepted message gets a node-wide ``seq``. A recipient that is online, has room in its
+  delivery window and has nothing older waiting in storage gets it *live*: nothing is written,
+  and the sender's ACK waits for the recipient's ``DELIVER_ACK``.
+* Otherwise the message is *stored*: one LMDB put in the next group commit; the sender's ACK
+  (flag ``STORED``) follows the fsync. A session pulls stored messages in ``seq`` order as its
+  window frees, so live and stored messages of one sender never overtake each other.
+* Live deliveries not yet acknowledged when their connection goes away are stored under their
+  original ``seq`` (so they keep their place in line), then ACKed to the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from iris_native import DEDUP_DONE, DedupWindow, dedup_key
+
+from iris_fast import protocol as P
+from iris_fast.config import ServerConfig
+from iris_fast.server.auth import AuthError, verify_token
+from iris_fast.server.stats import WorkerStats
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from iris_fast.connection import Connection
+    from iris_fast.storage.mailbox import MailboxStore
+
+log = logging.getLogger(__name__)
+
+# A message on its way to a device: (seq, sender, msg_id, ts_ms, body, stored).
+Record = tuple[int, str, str, int, bytes, bool]
+
+# Pause reading from senders while this many storage operations wait for the writer: intake
+# must not outrun the disk without bound.
+STORE_HIGH_WATER = 50_000
+STORE_LOW_WATER = 10_000
+
+
+class Mailbox:
+    """What the worker must know of one user's durable mailbox without reading LMDB."""
+
+    __slots__ = ("count", "last_seq", "uncommitted", "deleting")
+
+    def __init__(self, count: int, last_seq: int) -> None:
+        self.count = count  # stored (committed or queued) and not yet deleted
+        self.last_seq = last_seq  # highest seq ever queued for storage
+        self.uncommitted: set[int] | None = None  # seqs queued, not yet durable
+        self.deleting: set[int] | None = None  # seqs acknowledged, delete not yet durable
+
+    def idle(self) -> bool:
+        return self.count == 0 and not self.uncommitted and not self.deleting
+
+
+class Worker:
+    """Sessions, routing and delivery for one event loop."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: MailboxStore,
+        loop: asyncio.AbstractEventLoop,
+        stats: WorkerStats | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.loop = loop
+        self.stats = stats or WorkerStats()
+        self.node_id = config.node_id
+        self.sessions: dict[str, Connection] = {}
+        self.connections: set[Connection] = set()
+        self.unauthenticated: set[Connection] = set()
+        self.mailboxes: dict[str, Mailbox] = {}
+        self.dedup = DedupWindow(config.dedup_entries, int(config.dedup_age_s * 1000))
+        self.draining = False
+        self._dirty: list[Connection] = []
+        self._flush_pending = False
+        self._to_pump: set[str] = set()
+        self._pump_pending = False
+        self._paused_senders: set[Connection] = set()
+        self._max_inflight = config.max_inflight
+        self._max_inflight_bytes = config.max_inflight_bytes
+        self._mailbox_limit = config.mailbox_limit
+        self._login_ok_flags = 0
+        loaded = store.load_dedup(int(config.dedup_age_s * 1000))
+        for key, ts in loaded:
+            self.dedup.insert_key(key, DEDUP_DONE, ts)
+        if loaded:
+            log.info("reloaded %d dedup entries from storage", len(loaded))
+
+    # ---- connection lifecycle -------------------------------------------------------------------
+
+    def on_open(self, conn: Connection) -> None:
+        if self.draining:
+            conn.send((P.ERROR, P.E_SHUTTING_DOWN, "", "node is shutting down"))
+            conn.close()
+            return
+        self.connections.add(conn)
+        self.unauthenticated.add(conn)
+        self.stats.connections_opened += 1
+
+    def on_close(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.unauthenticated.discard(conn)
+        self._paused_senders.discard(conn)
+        if conn.pending_input():
+            self.stats.rejected("truncated")
+        self._detach(conn)
+
+    def on_writable(self, conn: Connection) -> None:
+        if conn.user is not None and not conn.detached:
+            self._pump(conn)
+
+    def _detach(self, conn: Connection) -> None:
+        """Take a session out of routing; store its unacknowledged live deliveries."""
+        if conn.detached or conn.user is None:
+            conn.detached = True
+            return
+        conn.detached = True
+        user = conn.user
+        if self.sessions.get(user) is conn:
+            del self.sessions[user]
+        inflight = conn.inflight
+        conn.inflight = None
+        if inflight:
+            mb = self._mailbox(user)
+            for _tag, rec in inflight:
+                if not rec[5]:
+                    seq, sender, msg_id, ts, body, _ = rec
+                    self._store(user, mb, seq, sender, msg_id, ts, body)
+        mb = self.mailboxes.get(user)
+        if mb is not None and mb.idle():
+            del self.mailboxes[user]
+
+    # ---- frames in -------------------------------------------------------------------------------
+
+    def on_login(self, conn: Connection, version: int, user: str, token: str) -> None:
+        if conn.user is not None:
+            self.reject(conn, P.E_ALREADY_LOGGED_IN, f"already logged in as {conn.user!r}")
+            return
+        if version != P.PROTOCOL_VERSION:
+            self.fatal(
+                conn,
+                P.E_UNSUPPORTED_VERSION,
+                f"protocol version {version} not supported; this server speaks "
+                f"{P.PROTOCOL_VERSION}",
+            )
+            return
+        if not P.valid_user_id(user):
+            self.fatal(conn, P.E_AUTH_FAILED, "user id must be 1..255 bytes without NUL")
+            return
+        if self.config.auth_secret:
+            try:
+                verify_token(token, user, self.config.auth_secret)
+            except AuthError as exc:
+                self.stats.auth_failures += 1
+                self.fatal(conn, P.E_AUTH_FAILED, str(exc))
+                return
+        old = self.sessions.get(user)
+        if old is not None:
+            # One device per user for now: a re-login (typically after a half-dead TCP
+            # connection) replaces the old session. Detach synchronously so its unacked live
+            # deliveries are queued for storage before the new session can receive anything.
+            self._detach(old)
+            old.close()
+        self.unauthenticated.discard(conn)
+        conn.user = user
+        conn.cursor = 0
+        self.sessions[user] = conn
+        self.stats.logins += 1
+        conn.send(
+            (P.LOGIN_OK, P.PROTOCOL_VERSION, self._login_ok_flags, self.node_id,
+             self.config.max_frame)
+        )
+        self._pump(conn)
+
+    def on_send(self, conn: Connection, msg_id: str, to: str, body: bytes) -> None:
+        stats = self.stats
+        stats.received += 1
+        sender = conn.user
+        if not msg_id:
+            self.reject(conn, P.E_BAD_FRAME, "msg_id must not be empty")
+            return
+        if not P.valid_user_id(to):
+            self.refuse(conn, P.E_BAD_RECIPIENT, msg_id, "recipient must be 1..255 bytes without NUL")
+            return
+        now_ms = int(time.time() * 1000)
+        state = self.dedup.check_and_insert(sender, msg_id, now_ms)
+        if state:
+            stats.deduplicated += 1
+            if state == DEDUP_DONE:
+                conn.send((P.ACK, msg_id, P.ACK_DUPLICATE))
+            # DEDUP_PENDING: the first copy is in flight; its ACK goes to the sender's session.
+            return
+        mb = self.mailboxes.get(to)
+        if mb is None:
+            mb = self._mailbox(to)
+        if mb.count >= self._mailbox_limit:
+            self.dedup.remove(sender, msg_id)
+            stats.mailbox_full += 1
+            self.refuse(
+                conn, P.E_MAILBOX_FULL, msg_id,
+                f"mailbox of {to!r} holds {mb.count} messages, the limit",
+            )
+            return
+        seq = self.store.next_seq()
+        rcpt = self.sessions.get(to)
+        if (
+            rcpt is not None
+            and mb.last_seq < rcpt.cursor
+            and (rcpt.inflight is None or len(rcpt.inflight) < self._max_inflight)
+            and rcpt.inflight_bytes < self._max_inflight_bytes
+            and not rcpt.write_paused
+        ):
+            self._deliver(rcpt, (seq, sender, msg_id, now_ms, body, False))
+        else:
+            self._store(to, mb, seq, sender, msg_id, now_ms, body)
+            if self.store.queued > STORE_HIGH_WATER:
+                conn.pause_reading()
+                self._paused_senders.add(conn)
+
+    def on_deliver_ack(self, conn: Connection, tag: int) -> None:
+        if tag >= conn.next_tag:
+            self.reject(conn, P.E_BAD_ACK, f"tag {tag} was never delivered on this connection")
+            return
+        inflight = conn.inflight
+        if not inflight:
+            return
+        user = conn.user
+        stats = self.stats
+        now_ms = 0
+        mb = None
+        while inflight and inflight[0][0] <= tag:
+            rec = inflight.popleft()[1]
+            seq, sender, msg_id, _ts, body, stored = rec
+            conn.inflight_bytes -= len(body)
+            stats.delivered += 1
+            if stored:
+                if mb is None:
+                    mb = self._mailbox(user)
+                mb.count -= 1
+                if mb.deleting is None:
+                    mb.deleting = set()
+                mb.deleting.add(seq)
+                self.store.delete(user, seq, self._deleted_cb(user, seq))
+            else:
+                self.dedup.mark_done(sender, msg_id)
+                if not now_ms:
+                    now_ms = int(time.time() * 1000)
+                # Persisting the window entry lets a resend after a restart be recognised;
+                # it is not waited for (the message itself is already delivered).
+                self.store.put_dedup(dedup_key(sender, msg_id), now_ms)
+                self._ack(sender, msg_id, 0)
+        self._pump(conn)
+
+    def on_decode_error(self, conn: Connection, code: int, reason: str) -> None:
+        if code == P.E_FRAME_TOO_LARGE:
+            self.fatal(conn, code, reason)
+        else:
+            self.reject(conn, code, reason)
+
+    # ---- errors ----------------------------------------------------------------------------------
+
+    def reject(self, conn: Connection, code: int, reason: str) -> None:
+        """A protocol error: answer it, count it, close the connection after too many."""
+        self.stats.rejected(P.ERROR_NAMES.get(code, str(code)))
+        conn.send((P.ERROR, code, "", reason))
+        conn.errors += 1
+        if conn.errors >= self.config.max_errors:
+            self.fatal(
+                conn, P.E_TOO_MANY_ERRORS,
+                f"{conn.errors} protocol errors on this connection; closing it",
+            )
+
+    def fatal(self, conn: Connection, code: int, reason: str) -> None:
+        """An error after which the connection cannot continue: answer, then close."""
+        self.stats.rejected(P.ERROR_NAMES.get(code, str(code)))
+        conn.send((P.ERROR, code, "", reason))
+        self._detach(conn)
+        conn.close()
+
+    def refuse(self, conn: Connection, code: int, msg_id: str, reason: str) -> None:
+        """A message the node will not take (full mailbox, bad recipient): not a protocol error."""
+        self.stats.refused += 1
+        conn.send((P.ERROR, code, msg_id, reason))
+
+    # ---- delivery --------------------------------------------------------------------------------
+
+    def _mailbox(self, user: str) -> Mailbox:
+        mb = self.mailboxes.get(user)
+        if mb is None:
+            count, last = self.store.scan_mailbox(user)
+            mb = self.mailboxes[user] = Mailbox(count, last)
+        return mb
+
+    def _deliver(self, conn: Connection, rec: Record) -> None:
+        tag = conn.next_tag
+        conn.next_tag = tag + 1
+        if conn.inflight is None:
+            conn.inflight = deque()
+        conn.inflight.append((tag, rec))
+        body = rec[4]
+        conn.inflight_bytes += len(body)
+        conn.send((P.DELIVER, tag, rec[3], rec[1], rec[2], body))
+        self.stats.deliveries_sent += 1
+
+    def _store(
+        self, user: str, mb: Mailbox, seq: int, sender: str, msg_id: str, ts: int, body: bytes
+    ) -> None:
+        mb.count += 1
+        if seq > mb.last_seq:
+            mb.last_seq = seq
+        if mb.uncommitted is None:
+            mb.uncommitted = set()
+        mb.uncommitted.add(seq)
+        self.store.put(
+            user, seq, sender, msg_id, ts, body, dedup_key(sender, msg_id),
+            self._stored_cb(user, seq, sender, msg_id),
+        )
+
+    def _stored_cb(self, user: str, seq: int, sender: str, msg_id: str) -> Callable[[], None]:
+        def stored() -> None:
+            self.stats.stored += 1
+            mb = self.mailboxes.get(user)
+            if mb is not None and mb.uncommitted is not None:
+                mb.uncommitted.discard(seq)
+            self.dedup.mark_done(sender, msg_id)
+            self._ack(sender, msg_id, P.ACK_STORED)
+            if user in self.sessions:
+                self._schedule_pump(user)
+            if self._paused_senders and self.store.queued < STORE_LOW_WATER:
+                for c in self._paused_senders:
+                    c.resume_reading()
+                self._paused_senders.clear()
+
+        return stored
+
+    def _deleted_cb(self, user: str, seq: int) -> Callable[[], None]:
+        def deleted() -> None:
+            mb = self.mailboxes.get(user)
+            if mb is None:
+                return
+            if mb.deleting is not None:
+                mb.deleting.discard(seq)
+            if mb.idle() and user not in self.sessions:
+                del self.mailboxes[user]
+
+        return deleted
+
+    def _ack(self, sender: str, msg_id: str, flags: int) -> None:
+        # ACKs follow the sender's *user*: a client that reconnected gets the ACKs of what it
+        # sent before on its new connection (and resends anything still unACKed).
+        conn = self.sessions.get(sender)
+        if conn is not None:
+            conn.send((P.ACK, msg_id, flags))
+
+    def _schedule_pump(self, user: str) -> None:
+        self._to_pump.add(user)
+        if not self._pump_pending:
+            self._pump_pending = True
+            self.loop.call_soon(self._pump_scheduled)
+
+    def _pump_scheduled(self) -> None:
+        self._pump_pending = False
+        users, self._to_pump = self._to_pump, set()
+        for user in users:
+            conn = self.sessions.get(user)
+            if conn is not None:
+                self._pump(conn)
+
+    def _pump(self, conn: Connection) -> None:
+        """Fill a session's delivery window from its durable mailbox, oldest first."""
+        if conn.closing or conn.detached or conn.write_paused:
+            return
+        user = conn.user
+        mb = self.mailboxes.get(user)
+        if mb is None:
+            mb = self._mailbox(user)
+            if mb.idle():
+                return
+        if mb.last_seq < conn.cursor:
+            return
+        room = self._max_inflight - (len(conn.inflight) if conn.inflight else 0)
+        if room <= 0 or conn.inflight_bytes >= self._max_inflight_bytes:
+            return
+        # Never read past a seq whose put is still queued: a later message must not overtake it.
+        limit = min(mb.uncommitted) if mb.uncommitted else None
+        for seq, sender, msg_id, ts, body in self.store.read(user, conn.cursor, room, mb.deleting):
+            if limit is not None and seq >= limit:
+                break
+            self._deliver(conn, (seq, sender, msg_id, ts, body, True))
+            conn.cursor = seq + 1
+            if conn.inflight_bytes >= self._max_inflight_bytes:
+                break
+
+    # ---- writes ----------------------------------------------------------------------------------
+
+    def schedule_flush(self, conn: Connection) -> None:
+        """Called by a connection when it queued its first frame this tick."""
+        self._dirty.append(conn)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_pending = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    # ---- housekeeping (driven by a timer in serve.py) --------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Close connections that never logged in; hibernate idle ones."""
+        timeout = self.config.login_timeout
+        for conn in [c for c in self.unauthenticated if now - c.opened_at > timeout]:
+            self.stats.login_timeouts += 1
+            self.fatal(conn, P.E_LOGIN_TIMEOUT, f"no LOGIN within {timeout:g} s")
+        idle_after = self.config.hibernate_after
+        for conn in self.connections:
+            if now - conn.last_active > idle_after:
+                conn.hibernate()
+
+    def prune_dedup(self) -> None:
+        self.store.prune_dedup(int(time.time() * 1000) - int(self.config.dedup_age_s * 1000))
+
+    def drain(self) -> None:
+        """SIGTERM: tell every client, queue unacknowledged live deliveries for storage."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.send((P.ERROR, P.E_SHUTTING_DOWN, "", "node is shutting down; reconnect"))
+            self._detach(conn)
+            conn.close()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.connections),
+            "sessions": len(self.sessions),
+        }

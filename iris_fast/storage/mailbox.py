@@ -1,0 +1,282 @@
+"""Durable mailboxes in LMDB, written by one group-commit thread.
+
+Layout (one LMDB environment under ``<data-dir>/mailbox``):
+
+* ``msgs``:  key ``user UTF-8 | 0x00 | seq u64 BE`` -> ``ts u64 | sender str8 | msg_id str8 | body``.
+  Keys of one user sort by ``seq``, and ``seq`` comes from one node-wide counter that only grows,
+  so a prefix scan yields a mailbox in arrival order.
+* ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> empty. Time-ordered so that
+  pruning the window is a range delete from the front and reloading it is one scan.
+* ``meta``:  ``seq_hwm`` -> the highest ``seq`` handed out, so the counter survives restarts even
+  if the clock steps back.
+
+Why a thread: an fsync takes milliseconds, far too long to block the event loop. The loop only
+appends operations to a list; the writer takes *everything* queued, applies it in one write
+transaction, commits (one fsync) and hands the completions back to the loop. While it syncs, the
+next batch piles up: that is the group commit, with no timer and no tuning knob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+
+log = logging.getLogger(__name__)
+
+_SEQ = struct.Struct(">Q")
+_TS = struct.Struct(">Q")
+_SEQ_HWM = b"seq_hwm"
+
+# One stored message as handed back to the server: (seq, sender, msg_id, ts_ms, body).
+StoredMessage = tuple[int, str, str, int, bytes]
+
+
+def mailbox_key(user: str, seq: int) -> bytes:
+    """The LMDB key of message ``seq`` in ``user``'s mailbox."""
+    return user.encode() + b"\x00" + _SEQ.pack(seq)
+
+
+def encode_value(sender: str, msg_id: str, ts_ms: int, body: bytes) -> bytes:
+    s = sender.encode()
+    m = msg_id.encode()
+    return b"".join((_TS.pack(ts_ms), bytes((len(s),)), s, bytes((len(m),)), m, body))
+
+
+def decode_value(value: bytes) -> tuple[str, str, int, bytes]:
+    view = memoryview(value)
+    ts = _TS.unpack_from(view, 0)[0]
+    ls = view[8]
+    sender = bytes(view[9 : 9 + ls]).decode()
+    pos = 9 + ls
+    lm = view[pos]
+    msg_id = bytes(view[pos + 1 : pos + 1 + lm]).decode()
+    return sender, msg_id, ts, bytes(view[pos + 1 + lm :])
+
+
+class MailboxStore:
+    """LMDB-backed mailboxes with a group-commit writer thread.
+
+    All public methods are called from the event loop thread. Writes are queued and committed
+    asynchronously; ``put`` takes a callback run on the loop once the message is durable.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        map_size: int = 1 << 30,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        os.makedirs(path, exist_ok=True)
+        # sync=True, metasync=True: a commit returns only after fsync; this is what makes an ACK
+        # for a stored message mean "survives kill -9 and power loss".
+        self.env = lmdb.open(
+            path, map_size=map_size, max_dbs=4, sync=True, metasync=True, writemap=False
+        )
+        self._msgs = self.env.open_db(b"msgs")
+        self._dedup = self.env.open_db(b"dedup")
+        self._meta = self.env.open_db(b"meta")
+        self._loop = loop
+        self._on_commit = on_commit
+        self._lock = threading.Condition()
+        self._ops: list[tuple[Any, ...]] = []
+        self._callbacks: list[Callable[[], None]] = []
+        self._closing = False
+        self._busy = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self.seq_hwm = self._load_hwm()
+        self.commits = 0
+        self.committed_ops = 0
+        self._thread = threading.Thread(target=self._run, name="iris-lmdb-writer", daemon=True)
+        self._thread.start()
+
+    # ---- sequence numbers -------------------------------------------------------------------
+
+    def _load_hwm(self) -> int:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(_SEQ_HWM)
+        stored = _SEQ.unpack(raw)[0] if raw else 0
+        # Microseconds since the epoch as a floor keeps seqs growing across restarts even if the
+        # hwm write of the last batch was lost; the stored hwm covers a clock that stepped back.
+        return max(stored, int(time.time() * 1_000_000))
+
+    def next_seq(self) -> int:
+        """A node-wide, strictly increasing sequence number for a new message."""
+        self.seq_hwm += 1
+        return self.seq_hwm
+
+    # ---- reads (loop thread; LMDB readers never block the writer) ----------------------------
+
+    def scan_mailbox(self, user: str) -> tuple[int, int]:
+        """(number of stored messages, highest seq) of ``user``'s committed mailbox."""
+        prefix = user.encode() + b"\x00"
+        count = 0
+        last = -1
+        with self.env.begin(db=self._msgs) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    count += 1
+                    last = _SEQ.unpack_from(key, len(prefix))[0]
+        return count, last
+
+    def read(
+        self, user: str, from_seq: int, limit: int, skip: set[int] | None = None
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` committed messages of ``user`` with seq >= ``from_seq``, in order."""
+        prefix = user.encode() + b"\x00"
+        out: list[StoredMessage] = []
+        with self.env.begin(db=self._msgs, buffers=False) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(prefix + _SEQ.pack(max(from_seq, 0))):
+                return out
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                seq = _SEQ.unpack_from(key, len(prefix))[0]
+                if skip and seq in skip:
+                    continue
+                sender, msg_id, ts, body = decode_value(value)
+                out.append((seq, sender, msg_id, ts, body))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def load_dedup(self, max_age_ms: int) -> list[tuple[bytes, int]]:
+        """The persisted dedup entries younger than ``max_age_ms``: (16-byte key, ts_ms)."""
+        floor = int(time.time() * 1000) - max_age_ms
+        out = []
+        with self.env.begin(db=self._dedup) as txn:
+            cur = txn.cursor()
+            if cur.set_range(_TS.pack(max(floor, 0))):
+                for key in cur.iternext(keys=True, values=False):
+                    out.append((key[8:24], _TS.unpack_from(key, 0)[0]))
+        return out
+
+    # ---- writes (queued from the loop thread, applied by the writer) -------------------------
+
+    def put(
+        self,
+        user: str,
+        seq: int,
+        sender: str,
+        msg_id: str,
+        ts_ms: int,
+        body: bytes,
+        dedup_key: bytes | None,
+        done: Callable[[], None] | None,
+    ) -> None:
+        """Queue a message; ``done`` runs on the loop once it is durable."""
+        op = ("put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key)
+        self._enqueue(op, done)
+
+    def delete(self, user: str, seq: int, done: Callable[[], None] | None = None) -> None:
+        """Queue the removal of an acknowledged message."""
+        self._enqueue(("del", mailbox_key(user, seq)), done)
+
+    def put_dedup(self, dedup_key: bytes, ts_ms: int) -> None:
+        """Persist a dedup entry of a message that completed without being stored."""
+        self._enqueue(("dedup", _TS.pack(ts_ms) + dedup_key), None)
+
+    def prune_dedup(self, older_than_ms: int) -> None:
+        """Drop persisted dedup entries older than ``older_than_ms`` (epoch ms)."""
+        self._enqueue(("prune", _TS.pack(max(older_than_ms, 0))), None)
+
+    def barrier(self, done: Callable[[], None]) -> None:
+        """Run ``done`` on the loop after everything queued so far is durable."""
+        self._enqueue(None, done)
+
+    @property
+    def queued(self) -> int:
+        """Operations waiting for the writer (back-pressure signal)."""
+        return len(self._ops)
+
+    def _enqueue(self, op: tuple[Any, ...] | None, done: Callable[[], None] | None) -> None:
+        with self._lock:
+            if op is not None:
+                self._ops.append(op)
+            if done is not None:
+                self._callbacks.append(done)
+            self._idle.clear()
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ops and not self._callbacks and not self._closing:
+                    self._idle.set()
+                    self._lock.wait()
+                if not self._ops and not self._callbacks and self._closing:
+                    self._idle.set()
+                    return
+                ops, self._ops = self._ops, []
+                callbacks, self._callbacks = self._callbacks, []
+            started = time.perf_counter()
+            try:
+                self._apply(ops)
+            except Exception:  # pragma: no cover - disk full, map full: nothing can be ACKed
+                log.exception("LMDB commit of %d operations failed; stopping the node", len(ops))
+                os._exit(70)
+            self.commits += 1
+            self.committed_ops += len(ops)
+            if self._on_commit is not None:
+                self._on_commit(len(ops), time.perf_counter() - started)
+            if callbacks:
+                try:
+                    self._loop.call_soon_threadsafe(_run_all, callbacks)
+                except RuntimeError:  # loop closed during shutdown
+                    pass
+
+    def _apply(self, ops: list[tuple[Any, ...]]) -> None:
+        if not ops:
+            return
+        with self.env.begin(write=True) as txn:
+            for op in ops:
+                kind = op[0]
+                if kind == "put":
+                    txn.put(op[1], op[2], db=self._msgs)
+                    if op[3] is not None:
+                        txn.put(_TS.pack(int(time.time() * 1000)) + op[3], b"", db=self._dedup)
+                elif kind == "del":
+                    txn.delete(op[1], db=self._msgs)
+                elif kind == "dedup":
+                    txn.put(op[1], b"", db=self._dedup)
+                elif kind == "prune":
+                    cur = txn.cursor(db=self._dedup)
+                    if cur.first():
+                        while cur.key() < op[1]:
+                            if not cur.delete():
+                                break
+            txn.put(_SEQ_HWM, _SEQ.pack(self.seq_hwm), db=self._meta)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Block until everything queued so far is durable (used at shutdown)."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        """Flush, stop the writer and close the environment."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+        self.env.close()
+
+
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    for cb in callbacks:
+        try:
+            cb()
+        except Exception:
+            log.exception("storage completion callback failed")

@@ -1,0 +1,99 @@
+"""Type stubs for the iris_native extension (native wire codec and dedup window)."""
+
+from collections.abc import Iterable
+from typing import Final, TypeAlias
+
+DECODE_ERROR: Final[int]
+LOGIN: Final[int]
+LOGIN_OK: Final[int]
+SEND: Final[int]
+ACK: Final[int]
+DELIVER: Final[int]
+DELIVER_ACK: Final[int]
+PING: Final[int]
+PONG: Final[int]
+ERROR: Final[int]
+
+E_BAD_FRAME: Final[int]
+E_FRAME_TOO_LARGE: Final[int]
+E_UNKNOWN_TYPE: Final[int]
+E_BAD_UTF8: Final[int]
+
+ACK_STORED: Final[int]
+ACK_DUPLICATE: Final[int]
+ACK_DEGRADED: Final[int]
+
+DEDUP_NEW: Final[int]
+DEDUP_PENDING: Final[int]
+DEDUP_DONE: Final[int]
+
+DEFAULT_MAX_FRAME: Final[int]
+
+# (LOGIN, version, user, token)
+LoginFrame: TypeAlias = tuple[int, int, str, str]
+# (LOGIN_OK, version, flags, node, max_frame)
+LoginOkFrame: TypeAlias = tuple[int, int, int, str, int]
+# (SEND, msg_id, to, body)
+SendFrame: TypeAlias = tuple[int, str, str, bytes]
+# (ACK, msg_id, flags)
+AckFrame: TypeAlias = tuple[int, str, int]
+# (DELIVER, tag, ts_ms, sender, msg_id, body)
+DeliverFrame: TypeAlias = tuple[int, int, int, str, str, bytes]
+# (DELIVER_ACK, tag), (PING, nonce), (PONG, nonce)
+IntFrame: TypeAlias = tuple[int, int]
+# (ERROR, code, msg_id, reason)
+ErrorFrame: TypeAlias = tuple[int, int, str, str]
+# (DECODE_ERROR, code, reason); code E_FRAME_TOO_LARGE is fatal
+DecodeErrorItem: TypeAlias = tuple[int, int, str]
+
+Frame: TypeAlias = (
+    LoginFrame
+    | LoginOkFrame
+    | SendFrame
+    | AckFrame
+    | DeliverFrame
+    | IntFrame
+    | ErrorFrame
+)
+Decoded: TypeAlias = Frame | DecodeErrorItem
+
+class Decoder:
+    """Incremental frame decoder for one connection."""
+
+    def __init__(self, max_frame: int = 65536) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Decoded]:
+        """Return every frame (or decode error) completed by ``data``, in order."""
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back (non-zero at EOF: truncated)."""
+    def release(self) -> None:
+        """Free the internal buffer's memory; pending bytes are kept."""
+    def capacity(self) -> int:
+        """Bytes currently allocated for the internal buffer."""
+    def poisoned(self) -> bool:
+        """True once a frame exceeded max_frame; all further input is ignored."""
+    @property
+    def max_frame(self) -> int: ...
+
+def encode(frame: Frame, max_frame: int = 65536) -> bytes:
+    """Encode one frame tuple; ValueError if malformed or too large."""
+
+def encode_batch(frames: Iterable[Frame], max_frame: int = 65536) -> bytes:
+    """Encode many frame tuples into one bytes object (concatenated encodings)."""
+
+def dedup_key(sender: str, msg_id: str) -> bytes:
+    """16-byte big-endian xxh3_128 of len(sender) || sender || msg_id."""
+
+class DedupWindow:
+    """Bounded window of recently seen (sender, msg_id) pairs."""
+
+    def __init__(self, max_entries: int, max_age_ms: int) -> None: ...
+    def check_and_insert(self, sender: str, msg_id: str, now_ms: int) -> int:
+        """DEDUP_NEW (recorded as pending), DEDUP_PENDING or DEDUP_DONE."""
+    def mark_done(self, sender: str, msg_id: str) -> bool: ...
+    def remove(self, sender: str, msg_id: str) -> bool: ...
+    def insert_key(self, key: bytes, state: int, ts_ms: int) -> None: ...
+    @property
+    def max_entries(self) -> int: ...
+    @property
+    def max_age_ms(self) -> int: ...
+    def __len__(self) -> int: ...

@@ -1,0 +1,1274 @@
+//! Frame types, the incremental decoder and the encoder for the wire protocol
+//! described in `docs/protocol.md`.
+
+use std::fmt;
+
+pub const LOGIN: u8 = 0x01;
+pub const LOGIN_OK: u8 = 0x02;
+pub const SEND: u8 = 0x03;
+pub const ACK: u8 = 0x04;
+pub const DELIVER: u8 = 0x05;
+pub const DELIVER_ACK: u8 = 0x06;
+pub const PING: u8 = 0x07;
+pub const PONG: u8 = 0x08;
+pub const ERROR: u8 = 0x09;
+
+pub const E_BAD_FRAME: u16 = 1;
+pub const E_FRAME_TOO_LARGE: u16 = 2;
+pub const E_UNKNOWN_TYPE: u16 = 3;
+pub const E_BAD_UTF8: u16 = 4;
+
+pub const ACK_STORED: u8 = 1;
+pub const ACK_DUPLICATE: u8 = 2;
+pub const ACK_DEGRADED: u8 = 4;
+
+pub const DEFAULT_MAX_FRAME: u32 = 65_536;
+pub const HEADER_LEN: usize = 4;
+
+const STR8_MAX: usize = u8::MAX as usize;
+const STR16_MAX: usize = u16::MAX as usize;
+
+/// An owned frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Login {
+        version: u8,
+        user: String,
+        token: String,
+    },
+    LoginOk {
+        version: u8,
+        flags: u8,
+        node: String,
+        max_frame: u32,
+    },
+    Send {
+        msg_id: String,
+        to: String,
+        body: Vec<u8>,
+    },
+    Ack {
+        msg_id: String,
+        flags: u8,
+    },
+    Deliver {
+        tag: u64,
+        ts_ms: u64,
+        sender: String,
+        msg_id: String,
+        body: Vec<u8>,
+    },
+    DeliverAck {
+        tag: u64,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Error {
+        code: u16,
+        msg_id: String,
+        reason: String,
+    },
+}
+
+/// A frame borrowing its strings and body, either from the decoder's input (so
+/// the Python layer copies a body exactly once) or from caller-owned values
+/// being encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    Login {
+        version: u8,
+        user: &'a str,
+        token: &'a str,
+    },
+    LoginOk {
+        version: u8,
+        flags: u8,
+        node: &'a str,
+        max_frame: u32,
+    },
+    Send {
+        msg_id: &'a str,
+        to: &'a str,
+        body: &'a [u8],
+    },
+    Ack {
+        msg_id: &'a str,
+        flags: u8,
+    },
+    Deliver {
+        tag: u64,
+        ts_ms: u64,
+        sender: &'a str,
+        msg_id: &'a str,
+        body: &'a [u8],
+    },
+    DeliverAck {
+        tag: u64,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Error {
+        code: u16,
+        msg_id: &'a str,
+        reason: &'a str,
+    },
+}
+
+impl Frame {
+    pub fn as_ref(&self) -> FrameRef<'_> {
+        match self {
+            Frame::Login {
+                version,
+                user,
+                token,
+            } => FrameRef::Login {
+                version: *version,
+                user,
+                token,
+            },
+            Frame::LoginOk {
+                version,
+                flags,
+                node,
+                max_frame,
+            } => FrameRef::LoginOk {
+                version: *version,
+                flags: *flags,
+                node,
+                max_frame: *max_frame,
+            },
+            Frame::Send { msg_id, to, body } => FrameRef::Send { msg_id, to, body },
+            Frame::Ack { msg_id, flags } => FrameRef::Ack {
+                msg_id,
+                flags: *flags,
+            },
+            Frame::Deliver {
+                tag,
+                ts_ms,
+                sender,
+                msg_id,
+                body,
+            } => FrameRef::Deliver {
+                tag: *tag,
+                ts_ms: *ts_ms,
+                sender,
+                msg_id,
+                body,
+            },
+            Frame::DeliverAck { tag } => FrameRef::DeliverAck { tag: *tag },
+            Frame::Ping { nonce } => FrameRef::Ping { nonce: *nonce },
+            Frame::Pong { nonce } => FrameRef::Pong { nonce: *nonce },
+            Frame::Error {
+                code,
+                msg_id,
+                reason,
+            } => FrameRef::Error {
+                code: *code,
+                msg_id,
+                reason,
+            },
+        }
+    }
+}
+
+impl FrameRef<'_> {
+    pub fn frame_type(&self) -> u8 {
+        match self {
+            FrameRef::Login { .. } => LOGIN,
+            FrameRef::LoginOk { .. } => LOGIN_OK,
+            FrameRef::Send { .. } => SEND,
+            FrameRef::Ack { .. } => ACK,
+            FrameRef::Deliver { .. } => DELIVER,
+            FrameRef::DeliverAck { .. } => DELIVER_ACK,
+            FrameRef::Ping { .. } => PING,
+            FrameRef::Pong { .. } => PONG,
+            FrameRef::Error { .. } => ERROR,
+        }
+    }
+
+    pub fn to_owned(&self) -> Frame {
+        match *self {
+            FrameRef::Login {
+                version,
+                user,
+                token,
+            } => Frame::Login {
+                version,
+                user: user.to_owned(),
+                token: token.to_owned(),
+            },
+            FrameRef::LoginOk {
+                version,
+                flags,
+                node,
+                max_frame,
+            } => Frame::LoginOk {
+                version,
+                flags,
+                node: node.to_owned(),
+                max_frame,
+            },
+            FrameRef::Send { msg_id, to, body } => Frame::Send {
+                msg_id: msg_id.to_owned(),
+                to: to.to_owned(),
+                body: body.to_vec(),
+            },
+            FrameRef::Ack { msg_id, flags } => Frame::Ack {
+                msg_id: msg_id.to_owned(),
+                flags,
+            },
+            FrameRef::Deliver {
+                tag,
+                ts_ms,
+                sender,
+                msg_id,
+                body,
+            } => Frame::Deliver {
+                tag,
+                ts_ms,
+                sender: sender.to_owned(),
+                msg_id: msg_id.to_owned(),
+                body: body.to_vec(),
+            },
+            FrameRef::DeliverAck { tag } => Frame::DeliverAck { tag },
+            FrameRef::Ping { nonce } => Frame::Ping { nonce },
+            FrameRef::Pong { nonce } => Frame::Pong { nonce },
+            FrameRef::Error {
+                code,
+                msg_id,
+                reason,
+            } => Frame::Error {
+                code,
+                msg_id: msg_id.to_owned(),
+                reason: reason.to_owned(),
+            },
+        }
+    }
+}
+
+fn type_name(t: u8) -> &'static str {
+    match t {
+        LOGIN => "LOGIN",
+        LOGIN_OK => "LOGIN_OK",
+        SEND => "SEND",
+        ACK => "ACK",
+        DELIVER => "DELIVER",
+        DELIVER_ACK => "DELIVER_ACK",
+        PING => "PING",
+        PONG => "PONG",
+        ERROR => "ERROR",
+        _ => "unknown",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------
+
+/// A per-frame decode error; `code` is one of the `E_*` protocol codes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeError {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl DecodeError {
+    fn new(code: u16, reason: String) -> Self {
+        DecodeError { code, reason }
+    }
+
+    /// FRAME_TOO_LARGE leaves the stream position unknowable, so the connection must end.
+    pub fn is_fatal(&self) -> bool {
+        self.code == E_FRAME_TOO_LARGE
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {})", self.reason, self.code)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Field reader over one frame's payload; errors name the frame type and field
+/// so a client author can tell what was wrong from the ERROR reason alone.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    ftype: u8,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
+        let left = self.buf.len() - self.pos;
+        if n > left {
+            return Err(DecodeError::new(
+                E_BAD_FRAME,
+                format!(
+                    "{} payload truncated in field {field}: needs {n} bytes, {left} left",
+                    type_name(self.ftype)
+                ),
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], DecodeError> {
+        let s = self.take(N, field)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &str) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array(field)?))
+    }
+
+    fn u32(&mut self, field: &str) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+
+    fn utf8(&self, raw: &'a [u8], field: &str) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(raw).map_err(|_| {
+            DecodeError::new(
+                E_BAD_UTF8,
+                format!("{} field {field} is not valid UTF-8", type_name(self.ftype)),
+            )
+        })
+    }
+
+    fn str8(&mut self, field: &str) -> Result<&'a str, DecodeError> {
+        let n = self.u8(field)? as usize;
+        let raw = self.take(n, field)?;
+        self.utf8(raw, field)
+    }
+
+    fn str16(&mut self, field: &str) -> Result<&'a str, DecodeError> {
+        let n = self.u16(field)? as usize;
+        let raw = self.take(n, field)?;
+        self.utf8(raw, field)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+
+    fn finish(&self) -> Result<(), DecodeError> {
+        let extra = self.buf.len() - self.pos;
+        if extra != 0 {
+            return Err(DecodeError::new(
+                E_BAD_FRAME,
+                format!(
+                    "{} payload has {extra} trailing bytes after its fields",
+                    type_name(self.ftype)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses one frame body: `ftype` is the type byte, `payload` what follows it.
+pub fn parse_frame(ftype: u8, payload: &[u8]) -> Result<FrameRef<'_>, DecodeError> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+        ftype,
+    };
+    let frame = match ftype {
+        LOGIN => FrameRef::Login {
+            version: r.u8("version")?,
+            user: r.str8("user")?,
+            token: r.str16("token")?,
+        },
+        LOGIN_OK => FrameRef::LoginOk {
+            version: r.u8("version")?,
+            flags: r.u8("flags")?,
+            node: r.str8("node")?,
+            max_frame: r.u32("max_frame")?,
+        },
+        SEND => FrameRef::Send {
+            msg_id: r.str8("msg_id")?,
+            to: r.str8("to")?,
+            body: r.rest(),
+        },
+        ACK => FrameRef::Ack {
+            msg_id: r.str8("msg_id")?,
+            flags: r.u8("flags")?,
+        },
+        DELIVER => FrameRef::Deliver {
+            tag: r.u64("tag")?,
+            ts_ms: r.u64("ts_ms")?,
+            sender: r.str8("sender")?,
+            msg_id: r.str8("msg_id")?,
+            body: r.rest(),
+        },
+        DELIVER_ACK => FrameRef::DeliverAck { tag: r.u64("tag")? },
+        PING => FrameRef::Ping {
+            nonce: r.u64("nonce")?,
+        },
+        PONG => FrameRef::Pong {
+            nonce: r.u64("nonce")?,
+        },
+        ERROR => FrameRef::Error {
+            code: r.u16("code")?,
+            msg_id: r.str8("msg_id")?,
+            reason: r.str16("reason")?,
+        },
+        other => {
+            return Err(DecodeError::new(
+                E_UNKNOWN_TYPE,
+                format!("unknown frame type 0x{other:02x}"),
+            ))
+        }
+    };
+    r.finish()?;
+    Ok(frame)
+}
+
+/// What the header of the next frame says.
+enum Header {
+    /// Fewer than 4 bytes available.
+    Incomplete,
+    /// A zero length: report, skip the 4 bytes, go on.
+    Empty,
+    TooLarge(u32),
+    /// Total bytes of the frame including the 4-byte header.
+    Frame(usize),
+}
+
+/// Incremental frame decoder for one connection.
+///
+/// Whole frames are parsed straight from the caller's input; only a trailing
+/// partial frame is copied into the internal buffer, which therefore never
+/// holds more than `max_frame + 4` bytes.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    max_frame: u32,
+    poisoned: bool,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl Decoder {
+    pub fn new(max_frame: u32) -> Self {
+        Decoder {
+            buf: Vec::new(),
+            max_frame,
+            poisoned: false,
+        }
+    }
+
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+
+    /// Bytes of an incomplete frame held back; non-zero at EOF means truncation.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Frees the buffer's memory (keeping any pending bytes) so that an idle
+    /// connection costs next to nothing.
+    pub fn release(&mut self) {
+        self.buf.shrink_to_fit();
+    }
+
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    fn header(&self, bytes: &[u8]) -> Header {
+        if bytes.len() < HEADER_LEN {
+            return Header::Incomplete;
+        }
+        let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if len == 0 {
+            Header::Empty
+        } else if len > self.max_frame {
+            Header::TooLarge(len)
+        } else {
+            Header::Frame(HEADER_LEN + len as usize)
+        }
+    }
+
+    fn poison<F>(&mut self, len: u32, sink: &mut F)
+    where
+        F: FnMut(Result<FrameRef<'_>, DecodeError>),
+    {
+        self.poisoned = true;
+        self.buf = Vec::new();
+        sink(Err(DecodeError::new(
+            E_FRAME_TOO_LARGE,
+            format!("frame length {len} exceeds max_frame {}", self.max_frame),
+        )));
+    }
+
+    fn empty_frame_error() -> DecodeError {
+        DecodeError::new(E_BAD_FRAME, "frame length 0 (no type byte)".to_owned())
+    }
+
+    /// Feeds bytes from the socket; `sink` receives every frame (or per-frame
+    /// error) completed by them, in stream order. After a FRAME_TOO_LARGE error
+    /// the decoder is poisoned and ignores all further input.
+    pub fn feed<F>(&mut self, mut input: &[u8], mut sink: F)
+    where
+        F: FnMut(Result<FrameRef<'_>, DecodeError>),
+    {
+        if self.poisoned {
+            return;
+        }
+        while !self.buf.is_empty() && !input.is_empty() {
+            // Complete the header first: the size check must happen before any
+            // body byte is buffered.
+            if self.buf.len() < HEADER_LEN {
+                let n = (HEADER_LEN - self.buf.len()).min(input.len());
+                self.buf.extend_from_slice(&input[..n]);
+                input = &input[n..];
+            }
+            match self.header(&self.buf) {
+                Header::Incomplete => return,
+                Header::Empty => {
+                    self.buf.clear();
+                    sink(Err(Self::empty_frame_error()));
+                }
+                Header::TooLarge(len) => {
+                    self.poison(len, &mut sink);
+                    return;
+                }
+                Header::Frame(total) => {
+                    let n = (total - self.buf.len()).min(input.len());
+                    self.buf.reserve_exact(total - self.buf.len());
+                    self.buf.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    if self.buf.len() < total {
+                        return;
+                    }
+                    sink(parse_frame(
+                        self.buf[HEADER_LEN],
+                        &self.buf[HEADER_LEN + 1..],
+                    ));
+                    self.buf.clear();
+                }
+            }
+        }
+        loop {
+            match self.header(input) {
+                Header::Incomplete => {
+                    // Exact, so the buffer never exceeds max_frame + 4 even for tiny max_frame.
+                    if !input.is_empty() {
+                        self.buf.reserve_exact(HEADER_LEN);
+                    }
+                    break;
+                }
+                Header::Empty => {
+                    input = &input[HEADER_LEN..];
+                    sink(Err(Self::empty_frame_error()));
+                }
+                Header::TooLarge(len) => {
+                    self.poison(len, &mut sink);
+                    return;
+                }
+                Header::Frame(total) => {
+                    if input.len() < total {
+                        self.buf.reserve_exact(total);
+                        break;
+                    }
+                    sink(parse_frame(
+                        input[HEADER_LEN],
+                        &input[HEADER_LEN + 1..total],
+                    ));
+                    input = &input[total..];
+                }
+            }
+        }
+        self.buf.extend_from_slice(input);
+    }
+
+    /// Convenience form of [`Decoder::feed`] returning owned frames.
+    pub fn feed_owned(&mut self, input: &[u8]) -> Vec<Result<Frame, DecodeError>> {
+        let mut out = Vec::new();
+        self.feed(input, |r| out.push(r.map(|f| f.to_owned())));
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EncodeError {
+    StringTooLong {
+        frame: &'static str,
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    FrameTooLarge {
+        frame: &'static str,
+        len: usize,
+        max_frame: u32,
+    },
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EncodeError::StringTooLong {
+                frame,
+                field,
+                len,
+                max,
+            } => write!(
+                f,
+                "{frame} field {field} is {len} bytes of UTF-8, at most {max} allowed"
+            ),
+            EncodeError::FrameTooLarge {
+                frame,
+                len,
+                max_frame,
+            } => write!(
+                f,
+                "{frame} frame length {len} exceeds max_frame {max_frame}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+fn check_str(
+    frame: &FrameRef<'_>,
+    field: &'static str,
+    s: &str,
+    max: usize,
+) -> Result<usize, EncodeError> {
+    if s.len() > max {
+        return Err(EncodeError::StringTooLong {
+            frame: type_name(frame.frame_type()),
+            field,
+            len: s.len(),
+            max,
+        });
+    }
+    Ok(if max == STR8_MAX { 1 } else { 2 } + s.len())
+}
+
+/// Total encoded size (header included) of `frame`, validating field limits
+/// and `max_frame` so that writing can no longer fail.
+pub fn encoded_len(frame: &FrameRef<'_>, max_frame: u32) -> Result<usize, EncodeError> {
+    let f = frame;
+    let payload = match *frame {
+        FrameRef::Login { user, token, .. } => {
+            1 + check_str(f, "user", user, STR8_MAX)? + check_str(f, "token", token, STR16_MAX)?
+        }
+        FrameRef::LoginOk { node, .. } => 2 + check_str(f, "node", node, STR8_MAX)? + 4,
+        FrameRef::Send { msg_id, to, body } => {
+            check_str(f, "msg_id", msg_id, STR8_MAX)?
+                + check_str(f, "to", to, STR8_MAX)?
+                + body.len()
+        }
+        FrameRef::Ack { msg_id, .. } => check_str(f, "msg_id", msg_id, STR8_MAX)? + 1,
+        FrameRef::Deliver {
+            sender,
+            msg_id,
+            body,
+            ..
+        } => {
+            16 + check_str(f, "sender", sender, STR8_MAX)?
+                + check_str(f, "msg_id", msg_id, STR8_MAX)?
+                + body.len()
+        }
+        FrameRef::DeliverAck { .. } | FrameRef::Ping { .. } | FrameRef::Pong { .. } => 8,
+        FrameRef::Error { msg_id, reason, .. } => {
+            2 + check_str(f, "msg_id", msg_id, STR8_MAX)?
+                + check_str(f, "reason", reason, STR16_MAX)?
+        }
+    };
+    let len = 1 + payload;
+    if len > max_frame as usize {
+        return Err(EncodeError::FrameTooLarge {
+            frame: type_name(frame.frame_type()),
+            len,
+            max_frame,
+        });
+    }
+    Ok(HEADER_LEN + len)
+}
+
+/// Cursor over a pre-sized output slice; the caller sized it with
+/// [`encoded_len`], so running out of room is a bug and panics.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.out[self.pos..self.pos + b.len()].copy_from_slice(b);
+        self.pos += b.len();
+    }
+
+    fn u8(&mut self, v: u8) {
+        self.bytes(&[v]);
+    }
+
+    fn str8(&mut self, s: &str) {
+        self.u8(s.len() as u8);
+        self.bytes(s.as_bytes());
+    }
+
+    fn str16(&mut self, s: &str) {
+        self.bytes(&(s.len() as u16).to_be_bytes());
+        self.bytes(s.as_bytes());
+    }
+}
+
+/// Writes `frame` into `out`, which must be exactly `encoded_len(frame)` bytes.
+pub fn write_frame(frame: &FrameRef<'_>, out: &mut [u8]) {
+    let mut w = Writer { out, pos: 0 };
+    w.bytes(&((w.out.len() - HEADER_LEN) as u32).to_be_bytes());
+    w.u8(frame.frame_type());
+    match *frame {
+        FrameRef::Login {
+            version,
+            user,
+            token,
+        } => {
+            w.u8(version);
+            w.str8(user);
+            w.str16(token);
+        }
+        FrameRef::LoginOk {
+            version,
+            flags,
+            node,
+            max_frame,
+        } => {
+            w.u8(version);
+            w.u8(flags);
+            w.str8(node);
+            w.bytes(&max_frame.to_be_bytes());
+        }
+        FrameRef::Send { msg_id, to, body } => {
+            w.str8(msg_id);
+            w.str8(to);
+            w.bytes(body);
+        }
+        FrameRef::Ack { msg_id, flags } => {
+            w.str8(msg_id);
+            w.u8(flags);
+        }
+        FrameRef::Deliver {
+            tag,
+            ts_ms,
+            sender,
+            msg_id,
+            body,
+        } => {
+            w.bytes(&tag.to_be_bytes());
+            w.bytes(&ts_ms.to_be_bytes());
+            w.str8(sender);
+            w.str8(msg_id);
+            w.bytes(body);
+        }
+        FrameRef::DeliverAck { tag } => w.bytes(&tag.to_be_bytes()),
+        FrameRef::Ping { nonce } | FrameRef::Pong { nonce } => w.bytes(&nonce.to_be_bytes()),
+        FrameRef::Error {
+            code,
+            msg_id,
+            reason,
+        } => {
+            w.bytes(&code.to_be_bytes());
+            w.str8(msg_id);
+            w.str16(reason);
+        }
+    }
+    debug_assert_eq!(w.pos, w.out.len(), "encoded_len disagrees with write_frame");
+}
+
+/// Encodes one frame (header included).
+pub fn encode(frame: &FrameRef<'_>, max_frame: u32) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![0u8; encoded_len(frame, max_frame)?];
+    write_frame(frame, &mut out);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Login {
+                version: 1,
+                user: "alice".into(),
+                token: "tok.en".into(),
+            },
+            Frame::LoginOk {
+                version: 1,
+                flags: 1,
+                node: "n1".into(),
+                max_frame: 65536,
+            },
+            Frame::Send {
+                msg_id: "m1".into(),
+                to: "bob".into(),
+                body: b"hello".to_vec(),
+            },
+            Frame::Send {
+                msg_id: "".into(),
+                to: "bob".into(),
+                body: vec![],
+            },
+            Frame::Ack {
+                msg_id: "m1".into(),
+                flags: ACK_STORED | ACK_DEGRADED,
+            },
+            Frame::Deliver {
+                tag: 7,
+                ts_ms: 1_700_000_000_000,
+                sender: "alice".into(),
+                msg_id: "m1".into(),
+                body: vec![0, 1, 2, 255],
+            },
+            Frame::DeliverAck { tag: u64::MAX },
+            Frame::Ping { nonce: 42 },
+            Frame::Pong { nonce: 42 },
+            Frame::Error {
+                code: 9,
+                msg_id: "m1".into(),
+                reason: "mailbox full ✓".into(),
+            },
+        ]
+    }
+
+    fn enc(f: &Frame) -> Vec<u8> {
+        encode(&f.as_ref(), DEFAULT_MAX_FRAME).unwrap()
+    }
+
+    /// Builds a raw frame from a type byte and payload, bypassing the encoder.
+    fn raw(t: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+        v.push(t);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn decode_all(input: &[u8]) -> Vec<Result<Frame, DecodeError>> {
+        Decoder::default().feed_owned(input)
+    }
+
+    fn single_error(input: &[u8]) -> DecodeError {
+        let out = decode_all(input);
+        assert_eq!(out.len(), 1, "{out:?}");
+        out.into_iter().next().unwrap().unwrap_err()
+    }
+
+    #[test]
+    fn wire_layout_matches_spec() {
+        let f = Frame::Send {
+            msg_id: "ab".into(),
+            to: "c".into(),
+            body: b"xy".to_vec(),
+        };
+        assert_eq!(
+            enc(&f),
+            vec![0, 0, 0, 8, SEND, 2, b'a', b'b', 1, b'c', b'x', b'y']
+        );
+        assert_eq!(
+            enc(&Frame::Ping { nonce: 0x0102 }),
+            vec![0, 0, 0, 9, PING, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn roundtrip_every_type() {
+        for f in samples() {
+            assert_eq!(decode_all(&enc(&f)), vec![Ok(f.clone())]);
+        }
+    }
+
+    #[test]
+    fn split_at_every_boundary_matches_whole() {
+        let mut all = Vec::new();
+        for f in samples() {
+            all.extend(enc(&f));
+        }
+        all.extend([0, 0, 0, 0]);
+        all.extend(raw(0x42, b"junk"));
+        let whole = decode_all(&all);
+        assert_eq!(whole.len(), samples().len() + 2);
+        for i in 0..=all.len() {
+            for j in i..=all.len() {
+                let mut d = Decoder::default();
+                let mut out = d.feed_owned(&all[..i]);
+                out.extend(d.feed_owned(&all[i..j]));
+                out.extend(d.feed_owned(&all[j..]));
+                assert_eq!(out, whole, "split at {i},{j}");
+                assert_eq!(d.pending(), 0);
+            }
+        }
+        let mut d = Decoder::default();
+        let mut out = Vec::new();
+        for b in &all {
+            out.extend(d.feed_owned(std::slice::from_ref(b)));
+        }
+        assert_eq!(out, whole);
+    }
+
+    #[test]
+    fn zero_length_is_bad_frame_and_decoding_continues() {
+        let mut input = vec![0, 0, 0, 0];
+        input.extend(enc(&Frame::Ping { nonce: 1 }));
+        let out = decode_all(&input);
+        assert_eq!(out[0].as_ref().unwrap_err().code, E_BAD_FRAME);
+        assert_eq!(out[1], Ok(Frame::Ping { nonce: 1 }));
+    }
+
+    #[test]
+    fn too_large_poisons_before_body_arrives() {
+        let mut d = Decoder::new(65536);
+        assert!(d.feed_owned(&[0, 1]).is_empty());
+        let out = d.feed_owned(&[0x11, 0x70]); // 70000
+        assert_eq!(out.len(), 1);
+        let e = out[0].as_ref().unwrap_err();
+        assert_eq!(e.code, E_FRAME_TOO_LARGE);
+        assert!(e.is_fatal());
+        assert_eq!(e.reason, "frame length 70000 exceeds max_frame 65536");
+        assert!(d.poisoned());
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.buffer_capacity(), 0);
+        // Poisoned stays poisoned, even for perfectly valid input.
+        assert!(d.feed_owned(&enc(&Frame::Ping { nonce: 1 })).is_empty());
+        assert!(d.feed_owned(&[0, 0, 0, 0]).is_empty());
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn too_large_in_direct_path_after_good_frames() {
+        let mut input = enc(&Frame::Ping { nonce: 1 });
+        input.extend([0, 0, 0, 11, PING]);
+        input.extend(enc(&Frame::Ping { nonce: 2 }));
+        let mut d = Decoder::new(10);
+        let out = d.feed_owned(&input);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], Ok(Frame::Ping { nonce: 1 }));
+        assert_eq!(out[1].as_ref().unwrap_err().code, E_FRAME_TOO_LARGE);
+        assert!(d.poisoned());
+    }
+
+    #[test]
+    fn max_frame_boundary_is_inclusive() {
+        let f = Frame::Ping { nonce: 3 };
+        let mut d = Decoder::new(9);
+        assert_eq!(d.feed_owned(&enc(&f)), vec![Ok(f)]);
+        assert!(!d.poisoned());
+    }
+
+    #[test]
+    fn unknown_type_is_skipped() {
+        for t in [0u8, 10, 0x42, 255] {
+            let mut input = raw(t, b"abc");
+            input.extend(enc(&Frame::Pong { nonce: 5 }));
+            let out = decode_all(&input);
+            let e = out[0].as_ref().unwrap_err();
+            assert_eq!(e.code, E_UNKNOWN_TYPE);
+            assert!(e.reason.contains(&format!("0x{t:02x}")));
+            assert_eq!(out[1], Ok(Frame::Pong { nonce: 5 }));
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_every_type_is_bad_frame() {
+        for f in samples() {
+            let bytes = enc(&f);
+            let (t, payload) = (bytes[4], &bytes[5..]);
+            // For SEND/DELIVER the body is `rest`, so cutting into it is still valid;
+            // only cuts inside the fixed fields and strings must fail.
+            let fixed = match &f {
+                Frame::Send { body, .. } | Frame::Deliver { body, .. } => {
+                    payload.len() - body.len()
+                }
+                _ => payload.len(),
+            };
+            for cut in 0..fixed {
+                let e = single_error(&raw(t, &payload[..cut]));
+                assert_eq!(e.code, E_BAD_FRAME, "{f:?} cut at {cut}: {e:?}");
+                assert!(e.reason.contains("truncated"), "{}", e.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn str_length_past_end_is_bad_frame() {
+        let e = single_error(&raw(SEND, &[200, b'a', b'b']));
+        assert_eq!(e.code, E_BAD_FRAME);
+        assert!(e.reason.contains("msg_id"), "{}", e.reason);
+    }
+
+    #[test]
+    fn trailing_bytes_after_fixed_fields_is_bad_frame() {
+        for f in samples() {
+            if matches!(f, Frame::Send { .. } | Frame::Deliver { .. }) {
+                continue;
+            }
+            let bytes = enc(&f);
+            let mut payload = bytes[5..].to_vec();
+            payload.push(0);
+            let e = single_error(&raw(bytes[4], &payload));
+            assert_eq!(e.code, E_BAD_FRAME, "{f:?}");
+            assert!(e.reason.contains("trailing"), "{}", e.reason);
+        }
+        assert_eq!(single_error(&raw(PING, &[0; 9])).code, E_BAD_FRAME);
+        assert_eq!(single_error(&raw(DELIVER_ACK, &[0; 7])).code, E_BAD_FRAME);
+        assert_eq!(single_error(&raw(DELIVER_ACK, &[0; 9])).code, E_BAD_FRAME);
+    }
+
+    #[test]
+    fn bad_utf8_in_every_string_field() {
+        // Placeholder that no other field of these frames encodes to; patched to invalid bytes.
+        let bad = "\u{7f}\u{7f}";
+        let cases: Vec<(Frame, &str)> = vec![
+            (
+                Frame::Login {
+                    version: 1,
+                    user: bad.into(),
+                    token: "t".into(),
+                },
+                "user",
+            ),
+            (
+                Frame::Login {
+                    version: 1,
+                    user: "u".into(),
+                    token: bad.into(),
+                },
+                "token",
+            ),
+            (
+                Frame::LoginOk {
+                    version: 1,
+                    flags: 0,
+                    node: bad.into(),
+                    max_frame: 1,
+                },
+                "node",
+            ),
+            (
+                Frame::Send {
+                    msg_id: bad.into(),
+                    to: "b".into(),
+                    body: vec![],
+                },
+                "msg_id",
+            ),
+            (
+                Frame::Send {
+                    msg_id: "m".into(),
+                    to: bad.into(),
+                    body: vec![],
+                },
+                "to",
+            ),
+            (
+                Frame::Ack {
+                    msg_id: bad.into(),
+                    flags: 0,
+                },
+                "msg_id",
+            ),
+            (
+                Frame::Deliver {
+                    tag: 1,
+                    ts_ms: 2,
+                    sender: bad.into(),
+                    msg_id: "m".into(),
+                    body: vec![],
+                },
+                "sender",
+            ),
+            (
+                Frame::Deliver {
+                    tag: 1,
+                    ts_ms: 2,
+                    sender: "s".into(),
+                    msg_id: bad.into(),
+                    body: vec![],
+                },
+                "msg_id",
+            ),
+            (
+                Frame::Error {
+                    code: 1,
+                    msg_id: bad.into(),
+                    reason: "r".into(),
+                },
+                "msg_id",
+            ),
+            (
+                Frame::Error {
+                    code: 1,
+                    msg_id: "m".into(),
+                    reason: bad.into(),
+                },
+                "reason",
+            ),
+        ];
+        for (f, field) in cases {
+            let mut bytes = enc(&f);
+            let pos = bytes.windows(2).position(|w| w == [0x7f, 0x7f]).unwrap();
+            bytes[pos] = 0xff;
+            bytes[pos + 1] = 0xfe;
+            let e = single_error(&bytes);
+            assert_eq!(e.code, E_BAD_UTF8, "{f:?}");
+            assert!(e.reason.contains(field), "{}", e.reason);
+        }
+    }
+
+    #[test]
+    fn rest_body_may_be_empty_or_binary() {
+        let f = Frame::Deliver {
+            tag: 1,
+            ts_ms: 1,
+            sender: "s".into(),
+            msg_id: "m".into(),
+            body: vec![0xff, 0xfe, 0],
+        };
+        assert_eq!(decode_all(&enc(&f)), vec![Ok(f)]);
+    }
+
+    #[test]
+    fn pending_counts_partial_frame_and_release_frees_capacity() {
+        let bytes = enc(&samples()[2]);
+        let mut d = Decoder::default();
+        assert!(d.feed_owned(&bytes[..6]).is_empty());
+        assert_eq!(d.pending(), 6);
+        assert!(d.buffer_capacity() >= bytes.len());
+        assert_eq!(d.feed_owned(&bytes[6..]).len(), 1);
+        assert_eq!(d.pending(), 0);
+        assert!(d.buffer_capacity() > 0);
+        d.release();
+        assert_eq!(d.buffer_capacity(), 0);
+        // A released decoder keeps working.
+        assert_eq!(d.feed_owned(&bytes).len(), 1);
+    }
+
+    #[test]
+    fn release_keeps_pending_bytes() {
+        let bytes = enc(&samples()[0]);
+        let mut d = Decoder::default();
+        d.feed_owned(&bytes[..3]);
+        d.release();
+        assert_eq!(d.pending(), 3);
+        assert_eq!(d.feed_owned(&bytes[3..]), vec![Ok(samples()[0].clone())]);
+    }
+
+    #[test]
+    fn encoder_rejects_oversize_strings() {
+        let long8 = "x".repeat(256);
+        let f = Frame::Send {
+            msg_id: long8.clone(),
+            to: "b".into(),
+            body: vec![],
+        };
+        let e = encode(&f.as_ref(), u32::MAX).unwrap_err();
+        assert!(matches!(
+            e,
+            EncodeError::StringTooLong {
+                field: "msg_id",
+                len: 256,
+                max: 255,
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("msg_id"));
+        let ok = Frame::Send {
+            msg_id: "x".repeat(255),
+            to: "b".into(),
+            body: vec![],
+        };
+        assert!(encode(&ok.as_ref(), u32::MAX).is_ok());
+        let f = Frame::Error {
+            code: 1,
+            msg_id: "".into(),
+            reason: "r".repeat(65536),
+        };
+        assert!(matches!(
+            encode(&f.as_ref(), u32::MAX),
+            Err(EncodeError::StringTooLong {
+                field: "reason",
+                ..
+            })
+        ));
+        let f = Frame::Login {
+            version: 1,
+            user: "u".into(),
+            token: "t".repeat(65535),
+        };
+        assert!(encode(&f.as_ref(), u32::MAX).is_ok());
+    }
+
+    #[test]
+    fn encoder_rejects_frames_over_max_frame() {
+        let f = Frame::Send {
+            msg_id: "m".into(),
+            to: "t".into(),
+            body: vec![0; 100],
+        };
+        // length = 1 + (1+1) + (1+1) + 100 = 105
+        assert_eq!(encode(&f.as_ref(), 105).unwrap().len(), 109);
+        let e = encode(&f.as_ref(), 104).unwrap_err();
+        assert_eq!(
+            e,
+            EncodeError::FrameTooLarge {
+                frame: "SEND",
+                len: 105,
+                max_frame: 104
+            }
+        );
+        assert_eq!(e.to_string(), "SEND frame length 105 exceeds max_frame 104");
+    }
+
+    #[test]
+    fn pending_buffer_is_bounded() {
+        let mut d = Decoder::new(100);
+        let mut input = vec![0, 0, 0, 100, PING];
+        input.extend([0; 98]);
+        d.feed_owned(&input);
+        assert_eq!(d.pending(), 103);
+        assert_eq!(d.feed_owned(&[0]).len(), 1); // BAD_FRAME: PING with 99 bytes
+        assert_eq!(d.pending(), 0);
+    }
+}

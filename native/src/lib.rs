@@ -1,0 +1,7 @@
+//! Native core of iris-fast: wire codec (`frame`, `batch`), the dedup window
+//! (`dedup`) and their Python bindings (`py`).
+
+pub mod batch;
+pub mod dedup;
+pub mod frame;
+mod py;

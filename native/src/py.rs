@@ -1,0 +1,528 @@
+//! Python bindings. Frames cross the boundary as plain tuples whose first item
+//! is the frame type, and a whole `feed` / `encode_batch` crosses at once, so
+//! the per-frame cost stays in Rust.
+
+use pyo3::buffer::PyBuffer;
+use pyo3::conversion::FromPyObjectBound;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::{Borrowed, FromPyObject};
+
+use crate::batch::{batch_len, write_batch};
+use crate::dedup;
+use crate::frame::{self, encoded_len, write_frame, DecodeError, FrameRef, DEFAULT_MAX_FRAME};
+
+/// Type tag of the `(DECODE_ERROR, code, reason)` tuples `Decoder.feed` yields.
+const DECODE_ERROR: u8 = 0;
+
+fn value_error(msg: impl Into<String>) -> PyErr {
+    PyValueError::new_err(msg.into())
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Rust frame -> Python tuple
+// ---------------------------------------------------------------------------
+
+fn frame_to_py<'py>(py: Python<'py>, f: &FrameRef<'_>) -> PyResult<Bound<'py, PyTuple>> {
+    use frame::*;
+    match *f {
+        FrameRef::Login {
+            version,
+            user,
+            token,
+        } => (LOGIN, version, user, token).into_pyobject(py),
+        FrameRef::LoginOk {
+            version,
+            flags,
+            node,
+            max_frame,
+        } => (LOGIN_OK, version, flags, node, max_frame).into_pyobject(py),
+        FrameRef::Send { msg_id, to, body } => {
+            (SEND, msg_id, to, PyBytes::new(py, body)).into_pyobject(py)
+        }
+        FrameRef::Ack { msg_id, flags } => (ACK, msg_id, flags).into_pyobject(py),
+        FrameRef::Deliver {
+            tag,
+            ts_ms,
+            sender,
+            msg_id,
+            body,
+        } => (DELIVER, tag, ts_ms, sender, msg_id, PyBytes::new(py, body)).into_pyobject(py),
+        FrameRef::DeliverAck { tag } => (DELIVER_ACK, tag).into_pyobject(py),
+        FrameRef::Ping { nonce } => (PING, nonce).into_pyobject(py),
+        FrameRef::Pong { nonce } => (PONG, nonce).into_pyobject(py),
+        FrameRef::Error {
+            code,
+            msg_id,
+            reason,
+        } => (ERROR, code, msg_id, reason).into_pyobject(py),
+    }
+}
+
+fn error_to_py<'py>(py: Python<'py>, e: &DecodeError) -> PyResult<Bound<'py, PyTuple>> {
+    (DECODE_ERROR, e.code, e.reason.as_str()).into_pyobject(py)
+}
+
+// ---------------------------------------------------------------------------
+// Python tuple -> Rust frame (borrowing the tuple's str / bytes items)
+// ---------------------------------------------------------------------------
+
+struct Fields<'a, 'py> {
+    t: &'a Bound<'py, PyTuple>,
+    name: &'static str,
+}
+
+impl<'a, 'py> Fields<'a, 'py> {
+    fn item(&self, i: usize) -> PyResult<Borrowed<'a, 'py, PyAny>> {
+        self.t.get_borrowed_item(i)
+    }
+
+    fn int<T: FromPyObject<'py>>(&self, i: usize, field: &str, range: &str) -> PyResult<T> {
+        let item = self.item(i)?;
+        item.extract::<T>().map_err(|_| {
+            value_error(format!(
+                "{} field {field} must be an int in {range}, got {}",
+                self.name,
+                describe(&item)
+            ))
+        })
+    }
+
+    fn str(&self, i: usize, field: &str) -> PyResult<&'a str> {
+        let item = self.item(i)?;
+        if !item.is_instance_of::<PyString>() {
+            return Err(value_error(format!(
+                "{} field {field} must be str, got {}",
+                self.name,
+                type_name(&item)
+            )));
+        }
+        <&'a str>::from_py_object_bound(item).map_err(|e| {
+            value_error(format!(
+                "{} field {field} is not encodable as UTF-8: {e}",
+                self.name
+            ))
+        })
+    }
+
+    fn bytes(&self, i: usize, field: &str) -> PyResult<&'a [u8]> {
+        let item = self.item(i)?;
+        <&'a [u8]>::from_py_object_bound(item).map_err(|_| {
+            value_error(format!(
+                "{} field {field} must be bytes, got {}",
+                self.name,
+                type_name(&item)
+            ))
+        })
+    }
+}
+
+fn describe(item: &Bound<'_, PyAny>) -> String {
+    match item.repr() {
+        Ok(r) if item.is_instance_of::<pyo3::types::PyInt>() => r.to_string(),
+        _ => type_name(item),
+    }
+}
+
+fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> {
+    use frame::*;
+    let t = obj
+        .downcast::<PyTuple>()
+        .map_err(|_| value_error(format!("frame must be a tuple, got {}", type_name(obj))))?;
+    let n = t.len();
+    if n == 0 {
+        return Err(value_error("frame tuple is empty"));
+    }
+    let head = t.get_borrowed_item(0)?;
+    let ftype: u8 = head.extract().map_err(|_| {
+        value_error(format!(
+            "frame type must be an int in 1..=9, got {}",
+            describe(&head)
+        ))
+    })?;
+    let (name, arity) = match ftype {
+        LOGIN => ("LOGIN", 4),
+        LOGIN_OK => ("LOGIN_OK", 5),
+        SEND => ("SEND", 4),
+        ACK => ("ACK", 3),
+        DELIVER => ("DELIVER", 6),
+        DELIVER_ACK => ("DELIVER_ACK", 2),
+        PING => ("PING", 2),
+        PONG => ("PONG", 2),
+        ERROR => ("ERROR", 4),
+        other => return Err(value_error(format!("unknown frame type {other}"))),
+    };
+    if n != arity {
+        return Err(value_error(format!(
+            "{name} tuple must have {arity} items (type included), got {n}"
+        )));
+    }
+    let f = Fields { t, name };
+    const U8: &str = "0..=255";
+    const U16: &str = "0..=65535";
+    const U32: &str = "0..=2**32-1";
+    const U64: &str = "0..=2**64-1";
+    Ok(match ftype {
+        LOGIN => FrameRef::Login {
+            version: f.int(1, "version", U8)?,
+            user: f.str(2, "user")?,
+            token: f.str(3, "token")?,
+        },
+        LOGIN_OK => FrameRef::LoginOk {
+            version: f.int(1, "version", U8)?,
+            flags: f.int(2, "flags", U8)?,
+            node: f.str(3, "node")?,
+            max_frame: f.int(4, "max_frame", U32)?,
+        },
+        SEND => FrameRef::Send {
+            msg_id: f.str(1, "msg_id")?,
+            to: f.str(2, "to")?,
+            body: f.bytes(3, "body")?,
+        },
+        ACK => FrameRef::Ack {
+            msg_id: f.str(1, "msg_id")?,
+            flags: f.int(2, "flags", U8)?,
+        },
+        DELIVER => FrameRef::Deliver {
+            tag: f.int(1, "tag", U64)?,
+            ts_ms: f.int(2, "ts_ms", U64)?,
+            sender: f.str(3, "sender")?,
+            msg_id: f.str(4, "msg_id")?,
+            body: f.bytes(5, "body")?,
+        },
+        DELIVER_ACK => FrameRef::DeliverAck {
+            tag: f.int(1, "tag", U64)?,
+        },
+        PING => FrameRef::Ping {
+            nonce: f.int(1, "nonce", U64)?,
+        },
+        PONG => FrameRef::Pong {
+            nonce: f.int(1, "nonce", U64)?,
+        },
+        _ => FrameRef::Error {
+            code: f.int(1, "code", U16)?,
+            msg_id: f.str(2, "msg_id")?,
+            reason: f.str(3, "reason")?,
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Decoder
+// ---------------------------------------------------------------------------
+
+/// Incremental frame decoder for one connection.
+///
+/// `feed(data)` returns every frame completed by `data` as tuples
+/// (see the module docs); only a trailing partial frame is kept.
+/// A `(DECODE_ERROR, E_FRAME_TOO_LARGE, reason)` item is fatal: the decoder is
+/// then poisoned, returns nothing more, and the connection must be closed.
+#[pyclass(module = "iris_native", name = "Decoder")]
+pub struct PyDecoder {
+    inner: frame::Decoder,
+}
+
+#[pymethods]
+impl PyDecoder {
+    #[new]
+    #[pyo3(signature = (max_frame = DEFAULT_MAX_FRAME))]
+    fn new(max_frame: u32) -> PyResult<Self> {
+        if max_frame == 0 {
+            return Err(value_error("max_frame must be at least 1"));
+        }
+        Ok(PyDecoder {
+            inner: frame::Decoder::new(max_frame),
+        })
+    }
+
+    /// Feed bytes received from the socket (bytes or any contiguous buffer);
+    /// returns the list of frames and decode errors they complete, in order.
+    fn feed<'py>(&mut self, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        let py = data.py();
+        if let Ok(b) = data.downcast::<PyBytes>() {
+            return self.feed_slice(py, b.as_bytes());
+        }
+        let buf = PyBuffer::<u8>::get(data).map_err(|_| {
+            value_error(format!(
+                "feed() needs bytes or a byte buffer, got {}",
+                type_name(data)
+            ))
+        })?;
+        if !buf.is_c_contiguous() {
+            return Err(value_error("feed() needs a C-contiguous buffer"));
+        }
+        // SAFETY: the buffer is C-contiguous with `len_bytes` bytes and stays
+        // exported (hence unresizable) until `buf` drops at the end of this call.
+        let slice =
+            unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+        self.feed_slice(py, slice)
+    }
+
+    /// Bytes of an incomplete frame held back; non-zero at EOF means the
+    /// stream ended mid-frame (truncated).
+    fn pending(&self) -> usize {
+        self.inner.pending()
+    }
+
+    /// Free the internal buffer's memory (pending bytes are kept); call on
+    /// idle connections.
+    fn release(&mut self) {
+        self.inner.release()
+    }
+
+    /// Bytes currently allocated for the internal buffer.
+    fn capacity(&self) -> usize {
+        self.inner.buffer_capacity()
+    }
+
+    /// True once a frame exceeded max_frame; the decoder then ignores all input.
+    fn poisoned(&self) -> bool {
+        self.inner.poisoned()
+    }
+
+    /// Largest accepted frame length (type byte + payload).
+    #[getter]
+    fn max_frame(&self) -> u32 {
+        self.inner.max_frame()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Decoder(max_frame={}, pending={}, poisoned={})",
+            self.inner.max_frame(),
+            self.inner.pending(),
+            if self.inner.poisoned() {
+                "True"
+            } else {
+                "False"
+            }
+        )
+    }
+}
+
+impl PyDecoder {
+    fn feed_slice<'py>(&mut self, py: Python<'py>, input: &[u8]) -> PyResult<Bound<'py, PyList>> {
+        let mut out: Vec<Bound<'py, PyTuple>> = Vec::new();
+        // The core decoder's sink cannot fail; keep the first Python error
+        // (only MemoryError is possible) and raise it after the feed.
+        let mut failure: Option<PyErr> = None;
+        self.inner.feed(input, |r| {
+            if failure.is_some() {
+                return;
+            }
+            let item = match r {
+                Ok(f) => frame_to_py(py, &f),
+                Err(e) => error_to_py(py, &e),
+            };
+            match item {
+                Ok(t) => out.push(t),
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        PyList::new(py, out)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------
+
+/// Encode one frame tuple into its wire bytes (header included).
+///
+/// Raises ValueError for a malformed tuple, a string longer than its length
+/// field allows, or a frame longer than `max_frame`.
+#[pyfunction]
+#[pyo3(signature = (frame, max_frame = DEFAULT_MAX_FRAME))]
+fn encode<'py>(frame: &Bound<'py, PyAny>, max_frame: u32) -> PyResult<Bound<'py, PyBytes>> {
+    let f = frame_from_py(frame)?;
+    let len = encoded_len(&f, max_frame).map_err(|e| value_error(e.to_string()))?;
+    PyBytes::new_with(frame.py(), len, |out| {
+        write_frame(&f, out);
+        Ok(())
+    })
+}
+
+/// Encode many frame tuples into one bytes object (one allocation), equal
+/// to the concatenation of their `encode()` results.
+///
+/// Raises ValueError naming the index of the first bad frame.
+#[pyfunction]
+#[pyo3(signature = (frames, max_frame = DEFAULT_MAX_FRAME))]
+fn encode_batch<'py>(frames: &Bound<'py, PyAny>, max_frame: u32) -> PyResult<Bound<'py, PyBytes>> {
+    let items: Vec<Bound<'py, PyAny>> = frames.try_iter()?.collect::<PyResult<_>>()?;
+    let refs = items
+        .iter()
+        .enumerate()
+        .map(|(i, obj)| {
+            frame_from_py(obj)
+                .map_err(|e| value_error(format!("frame {i}: {}", e.value(frames.py()))))
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let indexed = |e: frame::EncodeError| {
+        // Re-find the failing frame so the message points at it.
+        let i = refs
+            .iter()
+            .position(|f| encoded_len(f, max_frame).is_err())
+            .unwrap_or(0);
+        value_error(format!("frame {i}: {e}"))
+    };
+    let total = batch_len(&refs, max_frame).map_err(indexed)?;
+    PyBytes::new_with(frames.py(), total, |out| {
+        write_batch(&refs, max_frame, out).map_err(|e| value_error(e.to_string()))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Dedup
+// ---------------------------------------------------------------------------
+
+fn key_of(sender: &str, msg_id: &str) -> PyResult<u128> {
+    dedup::dedup_key(sender.as_bytes(), msg_id.as_bytes()).ok_or_else(|| {
+        value_error(format!(
+            "sender is {} bytes of UTF-8, at most {} allowed",
+            sender.len(),
+            dedup::MAX_SENDER_LEN
+        ))
+    })
+}
+
+/// 16-byte big-endian xxh3_128 of `len(sender) || sender || msg_id`: the
+/// persistent form of a DedupWindow key.
+#[pyfunction]
+fn dedup_key<'py>(py: Python<'py>, sender: &str, msg_id: &str) -> PyResult<Bound<'py, PyBytes>> {
+    Ok(PyBytes::new(py, &key_of(sender, msg_id)?.to_be_bytes()))
+}
+
+/// Bounded window of recently seen (sender, msg_id) pairs.
+///
+/// Holds at most `max_entries` keys, none older than `max_age_ms`; the
+/// oldest are evicted first.
+#[pyclass(module = "iris_native", name = "DedupWindow")]
+pub struct PyDedupWindow {
+    inner: dedup::DedupWindow,
+}
+
+#[pymethods]
+impl PyDedupWindow {
+    #[new]
+    fn new(max_entries: usize, max_age_ms: u64) -> Self {
+        PyDedupWindow {
+            inner: dedup::DedupWindow::new(max_entries, max_age_ms),
+        }
+    }
+
+    /// DEDUP_NEW (now recorded as pending), DEDUP_PENDING or DEDUP_DONE.
+    fn check_and_insert(&mut self, sender: &str, msg_id: &str, now_ms: u64) -> PyResult<u8> {
+        Ok(self.inner.check_and_insert(key_of(sender, msg_id)?, now_ms))
+    }
+
+    /// Mark a pending pair done; False if it is not in the window.
+    fn mark_done(&mut self, sender: &str, msg_id: &str) -> PyResult<bool> {
+        Ok(self.inner.mark_done(key_of(sender, msg_id)?))
+    }
+
+    /// Forget a pair so that a resend counts as new; False if absent.
+    fn remove(&mut self, sender: &str, msg_id: &str) -> PyResult<bool> {
+        Ok(self.inner.remove(key_of(sender, msg_id)?))
+    }
+
+    /// Insert a key from `dedup_key()` with its state (DEDUP_PENDING or
+    /// DEDUP_DONE) and timestamp, e.g. when reloading from storage.
+    fn insert_key(&mut self, key: &[u8], state: u8, ts_ms: u64) -> PyResult<()> {
+        let key: [u8; 16] = key
+            .try_into()
+            .map_err(|_| value_error(format!("key must be 16 bytes, got {}", key.len())))?;
+        if state != dedup::PENDING && state != dedup::DONE {
+            return Err(value_error(format!(
+                "state must be DEDUP_PENDING (1) or DEDUP_DONE (2), got {state}"
+            )));
+        }
+        self.inner.insert(u128::from_be_bytes(key), state, ts_ms);
+        Ok(())
+    }
+
+    #[getter]
+    fn max_entries(&self) -> usize {
+        self.inner.max_entries()
+    }
+
+    #[getter]
+    fn max_age_ms(&self) -> u64 {
+        self.inner.max_age_ms()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "DedupWindow(max_entries={}, max_age_ms={}, len={})",
+            self.inner.max_entries(),
+            self.inner.max_age_ms(),
+            self.inner.len()
+        )
+    }
+}
+
+/// Native wire codec and dedup window for iris-fast (see docs/protocol.md).
+///
+/// Frames are tuples whose first item is the frame type:
+/// (LOGIN, version, user, token), (LOGIN_OK, version, flags, node, max_frame),
+/// (SEND, msg_id, to, body), (ACK, msg_id, flags),
+/// (DELIVER, tag, ts_ms, sender, msg_id, body), (DELIVER_ACK, tag),
+/// (PING, nonce), (PONG, nonce), (ERROR, code, msg_id, reason);
+/// decode errors are (DECODE_ERROR, code, reason).
+#[pymodule]
+fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    use frame::{
+        ACK, ACK_DEGRADED, ACK_DUPLICATE, ACK_STORED, DELIVER, DELIVER_ACK, ERROR, E_BAD_FRAME,
+        E_BAD_UTF8, E_FRAME_TOO_LARGE, E_UNKNOWN_TYPE, LOGIN, LOGIN_OK, PING, PONG, SEND,
+    };
+    for (name, v) in [
+        ("DECODE_ERROR", DECODE_ERROR),
+        ("LOGIN", LOGIN),
+        ("LOGIN_OK", LOGIN_OK),
+        ("SEND", SEND),
+        ("ACK", ACK),
+        ("DELIVER", DELIVER),
+        ("DELIVER_ACK", DELIVER_ACK),
+        ("PING", PING),
+        ("PONG", PONG),
+        ("ERROR", ERROR),
+        ("ACK_STORED", ACK_STORED),
+        ("ACK_DUPLICATE", ACK_DUPLICATE),
+        ("ACK_DEGRADED", ACK_DEGRADED),
+        ("DEDUP_NEW", dedup::NEW),
+        ("DEDUP_PENDING", dedup::DUP_PENDING),
+        ("DEDUP_DONE", dedup::DUP_DONE),
+    ] {
+        m.add(name, v)?;
+    }
+    for (name, v) in [
+        ("E_BAD_FRAME", E_BAD_FRAME),
+        ("E_FRAME_TOO_LARGE", E_FRAME_TOO_LARGE),
+        ("E_UNKNOWN_TYPE", E_UNKNOWN_TYPE),
+        ("E_BAD_UTF8", E_BAD_UTF8),
+    ] {
+        m.add(name, v)?;
+    }
+    m.add("DEFAULT_MAX_FRAME", DEFAULT_MAX_FRAME)?;
+    m.add_class::<PyDecoder>()?;
+    m.add_class::<PyDedupWindow>()?;
+    m.add_function(wrap_pyfunction!(encode, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(dedup_key, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,130 @@
+"""Fixtures that run real iris-fast server processes on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One ``iris-fast serve`` child process with its own ports and data directory."""
+
+    def __init__(self, data_dir: Path, node_id: str = "test-node", *extra: str) -> None:
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.extra = list(extra)
+        self.port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"{node_id}-{self.port}.log"
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "iris_fast", "serve",
+            "--port", str(self.port), "--http-port", str(self.http_port),
+            "--data-dir", str(self.data_dir), "--node-id", self.node_id,
+            *self.extra,
+        ]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.health()["status"] == "ok":
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=2) as r:
+            return json.loads(r.read())
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` parsed into {sample name with labels: value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def restart(self) -> ServerProcess:
+        return self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start servers with extra command-line options; all are stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def make(*extra: str, node_id: str = "test-node", start: bool = True) -> ServerProcess:
+        data = tmp_path / f"data-{node_id}-{len(started)}"
+        data.mkdir()
+        s = ServerProcess(data, node_id, *extra)
+        started.append(s)
+        return s.start() if start else s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def server(server_factory) -> ServerProcess:
+    """A default single-node server."""
+    return server_factory()
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

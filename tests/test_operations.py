@@ -1,0 +1,96 @@
+"""What an operator and a script author touch: /health, /metrics, the CLI, the seed scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_health_reports_the_node(server):
+    h = server.health()
+    assert h["status"] == "ok"
+    assert h["node"] == "test-node"
+    assert h["cores"] == ["test-node"]
+    assert h["connections"] == 0
+    assert h["uptime_s"] >= 0
+
+
+def test_metrics_expose_the_efficiency_gauges(server):
+    m = server.metrics()
+    for name in (
+        "iris_connections",
+        "iris_logins_total",
+        "iris_messages_received_total",
+        "iris_messages_delivered_total",
+        "iris_messages_stored_total",
+        "iris_messages_deduplicated_total",
+        "iris_lmdb_fsyncs_total",
+        "iris_lmdb_batch_size_count",
+        "iris_write_batch_avg",
+        "iris_rss_bytes",
+    ):
+        assert name in m, name
+
+
+def test_unknown_http_path_is_404(server):
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/nope", timeout=2)
+    assert exc.value.code == 404
+
+
+def test_token_command_mints_a_verifiable_token():
+    out = subprocess.run(
+        [sys.executable, "-m", "iris_fast", "token", "--secret", "s" * 32, "--user", "u1"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    from iris_fast.server.auth import verify_token
+
+    assert verify_token(out, "u1", "s" * 32)["sub"] == "u1"
+
+
+def run_script(body: str, port: int) -> str:
+    code = textwrap.dedent(body).replace("PORT", str(port))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_design_document_scripts_run_unchanged_but_for_the_import(server):
+    # The kill test of the design document we come from, with only the import line changed.
+    run_script(
+        """
+        from iris_fast.client import IrisClient
+        c = IrisClient('127.0.0.1', PORT)
+        c.login('kill_sender')
+        for i in range(100):
+            c.send_msg('kill_receiver', f'KILL_{i}')
+        c.close()
+        """,
+        server.port,
+    )
+    server.kill9()
+    server.restart()
+    out = run_script(
+        """
+        from iris_fast.client import IrisClient
+        c = IrisClient('127.0.0.1', PORT)
+        c.login('kill_receiver')
+        count = 0
+        while True:
+            try:
+                msg = c.recv_msg(timeout=3)
+                if b'KILL_' in msg: count += 1
+            except: break
+        print(count)
+        c.close()
+        """,
+        server.port,
+    )
+    assert out.strip() == "100"
