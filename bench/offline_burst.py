@@ -52,9 +52,11 @@ async def burst(port: int, n: int, window: int, body: bytes) -> float:
     while acked < n:
         if got_login and sent < n and sent - acked < window:
             k = min(window - (sent - acked), n - sent)
-            writer.write(N.encode_batch(
-                [(N.SEND, f"b{i}", "burst-receiver", body) for i in range(sent, sent + k)]
-            ))
+            writer.write(
+                N.encode_batch(
+                    [(N.SEND, f"b{i}", "burst-receiver", body) for i in range(sent, sent + k)]
+                )
+            )
             sent += k
         data = await reader.read(1 << 16)
         if not data:
@@ -77,7 +79,9 @@ async def burst(port: int, n: int, window: int, body: bytes) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--window", type=int, default=1000, help="SENDs in flight")
     ap.add_argument("--body", type=int, default=100, help="body bytes")
@@ -86,9 +90,24 @@ def main() -> int:
     port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="iris-burst-") as data:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "iris_fast", "serve", "--port", str(port),
-             "--http-port", str(http_port), "--data-dir", data, "--node-id", "bench",
-             "--mailbox-limit", str(args.messages + 1), "--log-level", "WARNING"],
+            [
+                sys.executable,
+                "-m",
+                "iris_fast",
+                "serve",
+                "--port",
+                str(port),
+                "--http-port",
+                str(http_port),
+                "--data-dir",
+                data,
+                "--node-id",
+                "bench",
+                "--mailbox-limit",
+                str(args.messages + 1),
+                "--log-level",
+                "WARNING",
+            ],
             cwd=data,
         )
         try:

@@ -14,9 +14,23 @@ T_DECODE_ERROR, T_LOGIN, T_SEND, T_DELIVER_ACK, T_PING, T_PONG = 0, 1, 3, 6, 7, 
 
 class PyConnection:
     __slots__ = (
-        "transport", "worker", "_decoder", "_out", "user", "inflight", "next_tag", "cursor",
-        "inflight_bytes", "last_active", "opened_at", "errors", "closing", "detached",
-        "write_paused", "_flush_scheduled", "_max_frame",
+        "transport",
+        "worker",
+        "_decoder",
+        "_out",
+        "user",
+        "inflight",
+        "next_tag",
+        "cursor",
+        "inflight_bytes",
+        "last_active",
+        "opened_at",
+        "errors",
+        "closing",
+        "detached",
+        "write_paused",
+        "_flush_scheduled",
+        "_max_frame",
     )
 
     def __init__(self, worker, max_frame: int = 65536) -> None:

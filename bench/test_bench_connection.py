@@ -10,9 +10,8 @@ import sys
 
 import iris_native as N
 import pytest
-from pyconnection import PyConnection
-
 from iris_fast.connection import Connection
+from pyconnection import PyConnection
 
 
 class NullTransport:

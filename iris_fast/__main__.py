@@ -1,3 +1,5 @@
-from iris_fast.cli import main
 import sys
+
+from iris_fast.cli import main
+
 sys.exit(main())

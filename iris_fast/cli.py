@@ -12,34 +12,79 @@ from iris_fast.config import ServerConfig
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     d = ServerConfig()
-    p = sub.add_parser("serve", help="run a node", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "serve", help="run a node", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--host", default=d.host, help="client listener address")
     p.add_argument("--port", type=int, default=d.port, help="client listener port")
     p.add_argument("--http-host", default=d.http_host, help="address of /health and /metrics")
-    p.add_argument("--http-port", type=int, default=d.http_port, help="port of /health and /metrics")
+    p.add_argument(
+        "--http-port", type=int, default=d.http_port, help="port of /health and /metrics"
+    )
     p.add_argument("--data-dir", default=d.data_dir, help="directory of the LMDB mailbox")
     p.add_argument("--node-id", default=d.node_id, help="this node's name (default: hostname)")
-    p.add_argument("--auth-secret", default=None,
-                   help="HS256 secret; clients must log in with a JWT whose sub is their user id")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow open login (no --auth-secret) on a non-loopback address")
-    p.add_argument("--max-frame", type=int, default=d.max_frame, help="largest frame accepted, bytes")
-    p.add_argument("--max-inflight", type=int, default=d.max_inflight,
-                   help="unacknowledged deliveries per connection")
-    p.add_argument("--mailbox-limit", type=int, default=d.mailbox_limit,
-                   help="stored messages per user before SEND gets MAILBOX_FULL")
-    p.add_argument("--max-errors", type=int, default=d.max_errors,
-                   help="protocol errors before a connection is closed")
-    p.add_argument("--login-timeout", type=float, default=d.login_timeout,
-                   help="seconds a connection may stay without LOGIN")
-    p.add_argument("--hibernate-after", type=float, default=d.hibernate_after,
-                   help="idle seconds before a connection releases its buffers")
-    p.add_argument("--dedup-entries", type=int, default=d.dedup_entries,
-                   help="(sender, msg_id) pairs kept in the dedup window")
-    p.add_argument("--dedup-age", type=float, default=d.dedup_age_s, dest="dedup_age_s",
-                   help="seconds a (sender, msg_id) pair stays in the dedup window")
-    p.add_argument("--lmdb-map-size", type=int, default=d.lmdb_map_size,
-                   help="LMDB map size in bytes (the mailbox's maximum size)")
+    p.add_argument(
+        "--auth-secret",
+        default=None,
+        help="HS256 secret; clients must log in with a JWT whose sub is their user id",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow open login (no --auth-secret) on a non-loopback address",
+    )
+    p.add_argument(
+        "--max-frame", type=int, default=d.max_frame, help="largest frame accepted, bytes"
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=d.max_inflight,
+        help="unacknowledged deliveries per connection",
+    )
+    p.add_argument(
+        "--mailbox-limit",
+        type=int,
+        default=d.mailbox_limit,
+        help="stored messages per user before SEND gets MAILBOX_FULL",
+    )
+    p.add_argument(
+        "--max-errors",
+        type=int,
+        default=d.max_errors,
+        help="protocol errors before a connection is closed",
+    )
+    p.add_argument(
+        "--login-timeout",
+        type=float,
+        default=d.login_timeout,
+        help="seconds a connection may stay without LOGIN",
+    )
+    p.add_argument(
+        "--hibernate-after",
+        type=float,
+        default=d.hibernate_after,
+        help="idle seconds before a connection releases its buffers",
+    )
+    p.add_argument(
+        "--dedup-entries",
+        type=int,
+        default=d.dedup_entries,
+        help="(sender, msg_id) pairs kept in the dedup window",
+    )
+    p.add_argument(
+        "--dedup-age",
+        type=float,
+        default=d.dedup_age_s,
+        dest="dedup_age_s",
+        help="seconds a (sender, msg_id) pair stays in the dedup window",
+    )
+    p.add_argument(
+        "--lmdb-map-size",
+        type=int,
+        default=d.lmdb_map_size,
+        help="LMDB map size in bytes (the mailbox's maximum size)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 

@@ -41,9 +41,18 @@ class ServerProcess:
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         cmd = [
-            sys.executable, "-m", "iris_fast", "serve",
-            "--port", str(self.port), "--http-port", str(self.http_port),
-            "--data-dir", str(self.data_dir), "--node-id", self.node_id,
+            sys.executable,
+            "-m",
+            "iris_fast",
+            "serve",
+            "--port",
+            str(self.port),
+            "--http-port",
+            str(self.http_port),
+            "--data-dir",
+            str(self.data_dir),
+            "--node-id",
+            self.node_id,
             *self.extra,
         ]
         log = open(self.log_path, "ab")

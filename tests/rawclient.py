@@ -36,7 +36,7 @@ class RawClient:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(1 << 16)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except ConnectionError:
             self.closed = True

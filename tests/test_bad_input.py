@@ -234,9 +234,19 @@ def test_refuses_open_login_on_a_public_address(tmp_path):
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "iris_fast", "serve", "--host", "0.0.0.0",
-         "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "iris_fast",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 2
     assert "--auth-secret" in r.stderr

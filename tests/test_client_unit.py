@@ -7,7 +7,10 @@ with callbacks. The real-server end-to-end tests live elsewhere.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -63,7 +66,9 @@ class FakeServer:
         on_deliver_ack: Callable[[Conn, int], None] | None = None,
         answer_pings: bool | Callable[[Conn], bool] = True,
         node: str = "fake-1",
+        ssl_ctx: ssl.SSLContext | None = None,
     ) -> None:
+        self.ssl_ctx = ssl_ctx
         self.on_login = on_login or (lambda conn: [])
         self.on_send = on_send or (lambda conn, f: conn.write((nat.ACK, f[1], nat.ACK_STORED)))
         self.on_deliver_ack = on_deliver_ack or (lambda conn, tag: None)
@@ -95,7 +100,7 @@ class FakeServer:
         self.loop.close()
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl_ctx)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def call(self, fn: Callable[[], None]) -> None:
@@ -180,6 +185,33 @@ def test_login_auth_failure_raises_auth_error() -> None:
         # Not retried: an auth failure would only repeat.
         assert len(srv.logins) == 1
         c.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_tls_verifies_server_with_ca_file(tmp_path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    with FakeServer(ssl_ctx=ctx) as srv:
+        with IrisClient("localhost", srv.port, tls=True, ca_file=str(cert)) as c:
+            c.login("alice")
+            assert c.send_msg("bob", "secret") == srv.all_sends[0][1]
+
+        async def main() -> None:
+            async with AsyncIrisClient("localhost", srv.port, tls=True, ca_file=str(cert)) as a:
+                await a.login("alice")
+                await a.send_msg("bob", "secret")
+
+        asyncio.run(main())
+        # Without the CA the certificate is rejected (and every retry fails the same way).
+        with pytest.raises(ConnectionError):
+            IrisClient("localhost", srv.port, tls=True, timeout=0.5).login("alice")
 
 
 # -- send ----------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ def test_unknown_http_path_is_404(server):
 def test_token_command_mints_a_verifiable_token():
     out = subprocess.run(
         [sys.executable, "-m", "iris_fast", "token", "--secret", "s" * 32, "--user", "u1"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     from iris_fast.server.auth import verify_token
 
@@ -94,3 +96,27 @@ def test_design_document_scripts_run_unchanged_but_for_the_import(server):
         server.port,
     )
     assert out.strip() == "100"
+
+
+def test_idle_connection_releases_its_read_buffer(server_factory):
+    import iris_native as N
+    from rawclient import RawClient
+
+    srv = server_factory("--hibernate-after", "0.3")
+    c = RawClient(srv.addr)
+    c.login("sleepy")
+    # A large frame split in two makes the decoder buffer grow to hold it...
+    data = N.encode((N.SEND, "big", "someone", b"x" * 60_000))
+    c.send_raw(data[:30_000])
+    import time
+
+    time.sleep(0.2)
+    c.send_raw(data[30_000:])
+    assert c.expect(N.ACK)[1] == "big"
+    # ...and once idle, the sweep gives the buffer back.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and srv.metrics()["iris_hibernations_total"] < 1:
+        time.sleep(0.1)
+    assert srv.metrics()["iris_hibernations_total"] >= 1
+    c.send((N.PING, 7))
+    assert c.expect(N.PONG) == (N.PONG, 7)

@@ -124,7 +124,9 @@ class AsyncIrisClient:
         for item in items:
             to, body = item[0], item[1]
             mid, frame = self._core.add_unacked(
-                to, to_body(body), item[2] if len(item) > 2 else None  # type: ignore[misc]
+                to,
+                to_body(body),
+                item[2] if len(item) > 2 else None,  # type: ignore[misc]
             )
             fut: asyncio.Future[int] = loop.create_future()
             self._futures[mid] = fut

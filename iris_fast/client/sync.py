@@ -99,9 +99,7 @@ class IrisClient:
         self._idx = 0
         self._connect(time.monotonic() + self.timeout, ConnectionError, advance=False)
 
-    def send_msg(
-        self, to: str, body: bytes | str, msg_id: str | None = None
-    ) -> str:
+    def send_msg(self, to: str, body: bytes | str, msg_id: str | None = None) -> str:
         """Send ``body`` to user ``to`` and block until the server ACKs it; returns the msg_id.
 
         Survives connection loss by reconnecting and resending every unACKed message. Raises

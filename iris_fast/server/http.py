@@ -48,8 +48,13 @@ class HttpEndpoint(asyncio.Protocol):
         self._reply(200, ctype, b"" if method == "HEAD" else body)
 
     def _reply(self, status: int, ctype: str, body: bytes) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large"}[status]
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            431: "Request Header Fields Too Large",
+        }[status]
         head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

@@ -77,7 +77,10 @@ class _WorkerCollector:
             "iris_logins": ("Successful logins", s.logins),
             "iris_auth_failures": ("Logins refused by token checks", s.auth_failures),
             "iris_messages_received": ("SEND frames accepted for processing", s.received),
-            "iris_deliveries_sent": ("DELIVER frames written (incl. redeliveries)", s.deliveries_sent),
+            "iris_deliveries_sent": (
+                "DELIVER frames written (incl. redeliveries)",
+                s.deliveries_sent,
+            ),
             "iris_messages_delivered": ("Deliveries acknowledged by the device", s.delivered),
             "iris_messages_stored": ("Messages made durable in a mailbox", s.stored),
             "iris_messages_deduplicated": ("Resends absorbed by the dedup window", s.deduplicated),
@@ -105,12 +108,20 @@ class _WorkerCollector:
             "Average frames per socket write (network batching efficiency)",
             value=frames / writes if writes else 0.0,
         )
-        yield GaugeMetricFamily("iris_connections", "Open client connections", value=len(w.connections))
+        yield GaugeMetricFamily(
+            "iris_connections", "Open client connections", value=len(w.connections)
+        )
         yield GaugeMetricFamily("iris_sessions", "Logged-in sessions", value=len(w.sessions))
         inflight = sum(len(c.inflight) for c in w.sessions.values() if c.inflight)
-        yield GaugeMetricFamily("iris_inflight_deliveries", "Deliveries awaiting DELIVER_ACK", value=inflight)
-        yield GaugeMetricFamily("iris_dedup_entries", "Entries in the dedup window", value=len(w.dedup))
-        yield GaugeMetricFamily("iris_storage_queue", "Storage operations waiting for the writer", value=w.store.queued)
+        yield GaugeMetricFamily(
+            "iris_inflight_deliveries", "Deliveries awaiting DELIVER_ACK", value=inflight
+        )
+        yield GaugeMetricFamily(
+            "iris_dedup_entries", "Entries in the dedup window", value=len(w.dedup)
+        )
+        yield GaugeMetricFamily(
+            "iris_storage_queue", "Storage operations waiting for the writer", value=w.store.queued
+        )
         rss = rss_bytes()
         yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)
         conns = len(w.connections)
@@ -121,6 +132,10 @@ class _WorkerCollector:
         )
         ru = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily(
-            "iris_cpu_seconds", "CPU time of the process (user+system)", value=ru.ru_utime + ru.ru_stime
+            "iris_cpu_seconds",
+            "CPU time of the process (user+system)",
+            value=ru.ru_utime + ru.ru_stime,
         )
-        yield GaugeMetricFamily("iris_uptime_seconds", "Seconds since start", value=time.time() - self.started)
+        yield GaugeMetricFamily(
+            "iris_uptime_seconds", "Seconds since start", value=time.time() - self.started
+        )

@@ -38,7 +38,9 @@ async def _serve(config: ServerConfig) -> int:
     started = time.time()
     metrics = NodeMetrics()
     store = MailboxStore(
-        f"{config.data_dir}/mailbox", loop, map_size=config.lmdb_map_size,
+        f"{config.data_dir}/mailbox",
+        loop,
+        map_size=config.lmdb_map_size,
         on_commit=metrics.on_commit,
     )
     worker = Worker(config, store, loop)
@@ -88,10 +90,17 @@ async def _serve(config: ServerConfig) -> int:
                 worker.prune_dedup()
 
     sweeper = loop.create_task(housekeeping())
-    bound = [s.getsockname() for s in server.sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
+    bound = [
+        s.getsockname() for s in server.sockets if s.family in (socket.AF_INET, socket.AF_INET6)
+    ]
     log.info(
         "iris-fast %s node %s listening on %s (http %s:%d), data in %s",
-        __version__, config.node_id, bound, config.http_host, config.http_port, config.data_dir,
+        __version__,
+        config.node_id,
+        bound,
+        config.http_host,
+        config.http_port,
+        config.data_dir,
     )
     print(f"iris-fast ready on {config.host}:{config.port}", flush=True)
 

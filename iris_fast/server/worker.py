@@ -179,8 +179,13 @@ class Worker:
         self.sessions[user] = conn
         self.stats.logins += 1
         conn.send(
-            (P.LOGIN_OK, P.PROTOCOL_VERSION, self._login_ok_flags, self.node_id,
-             self.config.max_frame)
+            (
+                P.LOGIN_OK,
+                P.PROTOCOL_VERSION,
+                self._login_ok_flags,
+                self.node_id,
+                self.config.max_frame,
+            )
         )
         self._pump(conn)
 
@@ -192,7 +197,9 @@ class Worker:
             self.reject(conn, P.E_BAD_FRAME, "msg_id must not be empty")
             return
         if not P.valid_user_id(to):
-            self.refuse(conn, P.E_BAD_RECIPIENT, msg_id, "recipient must be 1..255 bytes without NUL")
+            self.refuse(
+                conn, P.E_BAD_RECIPIENT, msg_id, "recipient must be 1..255 bytes without NUL"
+            )
             return
         now_ms = int(time.time() * 1000)
         state = self.dedup.check_and_insert(sender, msg_id, now_ms)
@@ -209,7 +216,9 @@ class Worker:
             self.dedup.remove(sender, msg_id)
             stats.mailbox_full += 1
             self.refuse(
-                conn, P.E_MAILBOX_FULL, msg_id,
+                conn,
+                P.E_MAILBOX_FULL,
+                msg_id,
                 f"mailbox of {to!r} holds {mb.count} messages, the limit",
             )
             return
@@ -278,7 +287,8 @@ class Worker:
         conn.errors += 1
         if conn.errors >= self.config.max_errors:
             self.fatal(
-                conn, P.E_TOO_MANY_ERRORS,
+                conn,
+                P.E_TOO_MANY_ERRORS,
                 f"{conn.errors} protocol errors on this connection; closing it",
             )
 
@@ -324,7 +334,13 @@ class Worker:
             mb.uncommitted = set()
         mb.uncommitted.add(seq)
         self.store.put(
-            user, seq, sender, msg_id, ts, body, dedup_key(sender, msg_id),
+            user,
+            seq,
+            sender,
+            msg_id,
+            ts,
+            body,
+            dedup_key(sender, msg_id),
             self._stored_cb(user, seq, sender, msg_id),
         )
 

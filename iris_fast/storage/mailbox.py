@@ -2,7 +2,7 @@
 
 Layout (one LMDB environment under ``<data-dir>/mailbox``):
 
-* ``msgs``:  key ``user UTF-8 | 0x00 | seq u64 BE`` -> ``ts u64 | sender str8 | msg_id str8 | body``.
+* ``msgs``:  key ``user | 0x00 | seq u64 BE`` -> ``ts u64 | sender str8 | msg_id str8 | body``.
   Keys of one user sort by ``seq``, and ``seq`` comes from one node-wide counter that only grows,
   so a prefix scan yields a mailbox in arrival order.
 * ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> empty. Time-ordered so that

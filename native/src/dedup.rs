@@ -93,27 +93,34 @@ impl DedupWindow {
         now_ms.saturating_sub(self.max_age_ms)
     }
 
-    fn push(&mut self, key: u128, state: u8, ts_ms: u64) {
-        let gen = self.next_gen;
+    fn next_gen(&mut self) -> u64 {
         self.next_gen += 1;
+        self.next_gen
+    }
+
+    fn push(&mut self, key: u128, state: u8, ts_ms: u64) {
+        let gen = self.next_gen();
         self.map.insert(key, Slot { state, ts_ms, gen });
         self.order.push_back((key, ts_ms, gen));
     }
 
     /// Evicts from the front while over capacity or older than the cutoff.
+    /// The decision uses only the queue entry, so the common no-eviction case
+    /// costs no map probe (a cache miss on a large window).
     fn evict(&mut self, cutoff: u64) {
         while let Some(&(key, ts, gen)) = self.order.front() {
-            let live = self.map.get(&key).is_some_and(|s| s.gen == gen);
-            if live && self.map.len() <= self.max_entries && ts >= cutoff {
+            if self.map.len() <= self.max_entries && ts >= cutoff {
                 break;
             }
             self.order.pop_front();
-            if live {
-                self.map.remove(&key);
+            if let Entry::Occupied(e) = self.map.entry(key) {
+                if e.get().gen == gen {
+                    e.remove();
+                }
             }
         }
-        // Removed keys leave dead entries behind the front; compact once they
-        // outnumber the live ones so the queue stays O(len) (amortized O(1)).
+        // Removed or overwritten keys leave dead entries in the queue; compact
+        // once they outnumber the live ones so it stays O(len) (amortized O(1)).
         if self.order.len() > 2 * self.map.len() + 16 {
             let map = &self.map;
             self.order
@@ -125,16 +132,24 @@ impl DedupWindow {
     pub fn check_and_insert(&mut self, key: u128, now_ms: u64) -> u8 {
         let cutoff = self.cutoff(now_ms);
         self.evict(cutoff);
+        let gen = self.next_gen();
+        let fresh = Slot {
+            state: PENDING,
+            ts_ms: now_ms,
+            gen,
+        };
         match self.map.entry(key) {
             // Entries reloaded out of order can sit behind a younger front; the
             // age bound still applies to them.
             Entry::Occupied(e) if e.get().ts_ms >= cutoff => return e.get().state,
-            Entry::Occupied(e) => {
-                e.remove();
+            Entry::Occupied(mut e) => {
+                e.insert(fresh);
             }
-            Entry::Vacant(_) => {}
+            Entry::Vacant(e) => {
+                e.insert(fresh);
+            }
         }
-        self.push(key, PENDING, now_ms);
+        self.order.push_back((key, now_ms, gen));
         self.evict(cutoff);
         NEW
     }
