@@ -56,7 +56,11 @@ class ServerProcess:
             *self.extra,
         ]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # cwd outside the source tree: ``-m iris_fast`` must import the installed package,
+        # which holds the compiled extension, not the source checkout.
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(self.data_dir.parent)
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

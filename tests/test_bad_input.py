@@ -247,6 +247,7 @@ def test_refuses_open_login_on_a_public_address(tmp_path):
         capture_output=True,
         text=True,
         timeout=30,
+        cwd=tmp_path,
     )
     assert r.returncode == 2
     assert "--auth-secret" in r.stderr

@@ -45,12 +45,13 @@ def test_unknown_http_path_is_404(server):
     assert exc.value.code == 404
 
 
-def test_token_command_mints_a_verifiable_token():
+def test_token_command_mints_a_verifiable_token(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "iris_fast", "token", "--secret", "s" * 32, "--user", "u1"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,
     ).stdout.strip()
     from iris_fast.server.auth import verify_token
 
@@ -59,7 +60,10 @@ def test_token_command_mints_a_verifiable_token():
 
 def run_script(body: str, port: int) -> str:
     code = textwrap.dedent(body).replace("PORT", str(port))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    # cwd "/" so that the installed package is imported, as a user's script would.
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/"
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
