@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import iris_native as N
+
+from iris_fast.scrape import fetch_metrics
 
 
 def free_port() -> int:
@@ -30,14 +31,7 @@ def free_port() -> int:
 
 
 def metrics(http_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return fetch_metrics("127.0.0.1", http_port, timeout=5)
 
 
 async def burst(port: int, n: int, window: int, body: bytes) -> float:

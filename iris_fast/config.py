@@ -30,7 +30,7 @@ class ServerConfig:
     hibernate_after: float = 15.0
     dedup_entries: int = 1_000_000
     dedup_age_s: float = 3600.0
-    lmdb_map_size: int = 1 << 30
+    lmdb_map_size: int = 8 << 30
     shutdown_grace: float = 5.0
 
     def check(self) -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from iris_fast.scrape import fetch_health, fetch_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -80,19 +80,11 @@ class ServerProcess:
             return ""
 
     def health(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=2) as r:
-            return json.loads(r.read())
+        return fetch_health("127.0.0.1", self.http_port)
 
     def metrics(self) -> dict[str, float]:
         """``/metrics`` parsed into {sample name with labels: value}."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return fetch_metrics("127.0.0.1", self.http_port)
 
     def kill9(self) -> None:
         assert self.proc is not None

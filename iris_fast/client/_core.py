@@ -360,3 +360,40 @@ class ClientCore:
             return None
         frames, self.out = self.out, []
         return nat.encode_batch(frames)
+
+
+class ClientBase:
+    """Settings and protocol state common to ``IrisClient`` and ``AsyncIrisClient``.
+
+    ``nodes`` are further ``(host, port)`` pairs tried after ``(host, port)``, round-robin.
+    ``timeout`` bounds each call (connect + login, or one ``send_msg`` including reconnects).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: bool = False,
+        *,
+        nodes: Iterable[tuple[str, int]] | None = None,
+        token: str | None = None,
+        timeout: float = 10.0,
+        ca_file: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.token = token
+        self.timeout = timeout
+        self.ca_file = ca_file
+        self.user: str | None = None
+        self._addrs = build_addrs(host, port, nodes)
+        self._idx = 0
+        self._core = ClientCore(self._on_complete)
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """Set up the transport-specific fields (subclasses)."""
+
+    def _on_complete(self, msg_id: str, result: int | IrisError) -> None:
+        raise NotImplementedError

@@ -6,18 +6,18 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 
 import iris_native as nat
 
 from ._core import (
+    ClientBase,
     ClientCore,
     ConnectionLost,
     IrisError,
     Message,
     backoff_delays,
-    build_addrs,
     log,
     to_body,
 )
@@ -25,7 +25,7 @@ from ._core import (
 _READ_SIZE = 256 * 1024
 
 
-class AsyncIrisClient:
+class AsyncIrisClient(ClientBase):
     """asyncio counterpart of :class:`IrisClient` with the same semantics, plus ``send_many``.
 
     After a connection loss the reader task reconnects in the background (round-robin over the
@@ -33,27 +33,7 @@ class AsyncIrisClient:
     TimeoutError if their own ``timeout`` passes first.
     """
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        tls: bool = False,
-        *,
-        nodes: Iterable[tuple[str, int]] | None = None,
-        token: str | None = None,
-        timeout: float = 10.0,
-        ca_file: str | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.tls = tls
-        self.token = token
-        self.timeout = timeout
-        self.ca_file = ca_file
-        self.user: str | None = None
-        self._addrs = build_addrs(host, port, nodes)
-        self._idx = 0
-        self._core = ClientCore(self._on_complete)
+    def _init_io(self) -> None:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -62,7 +42,7 @@ class AsyncIrisClient:
         self._fatal: BaseException | None = None
         self._closed = False
         self._ssl_ctx: ssl.SSLContext | None = None
-        self._idle = max(0.05, min(timeout / 4, 5.0))
+        self._idle = max(0.05, min(self.timeout / 4, 5.0))
         self._ping_nonce = 0
 
     # -- public API ----------------------------------------------------------------------------

@@ -5,52 +5,32 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
 
 import iris_native as nat
 
 from ._core import (
+    ClientBase,
     ClientCore,
     ConnectionLost,
     IrisError,
     Message,
     backoff_delays,
-    build_addrs,
     to_body,
 )
 
 _RECV_SIZE = 256 * 1024
 
 
-class IrisClient:
+class IrisClient(ClientBase):
     """Blocking client with failover, resend of unACKed messages and receive-side dedup.
 
     ``nodes`` are further ``(host, port)`` pairs tried after ``(host, port)``, round-robin.
     ``timeout`` bounds each call (connect + login, or one ``send_msg`` including reconnects).
     """
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        tls: bool = False,
-        *,
-        nodes: Iterable[tuple[str, int]] | None = None,
-        token: str | None = None,
-        timeout: float = 10.0,
-        ca_file: str | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.tls = tls
-        self.token = token
-        self.timeout = timeout
-        self.ca_file = ca_file
-        self.user: str | None = None
-        self._addrs = build_addrs(host, port, nodes)
-        self._idx = 0
-        self._core = ClientCore(self._on_complete)
+    def _init_io(self) -> None:
         self._closed = False
         self._sock: socket.socket | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
@@ -58,7 +38,7 @@ class IrisClient:
         self._ping_sent: float | None = None
         self._ping_nonce = 0
         # Silence after which we PING, and after which an unanswered PING means a dead peer.
-        self._idle = max(0.05, min(timeout / 4, 5.0))
+        self._idle = max(0.05, min(self.timeout / 4, 5.0))
         self._waiting_id: str | None = None
         self._result: int | IrisError | None = None
 

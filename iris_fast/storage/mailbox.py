@@ -225,8 +225,8 @@ class MailboxStore:
                 callbacks, self._callbacks = self._callbacks, []
             started = time.perf_counter()
             try:
-                self._apply(ops)
-            except Exception:  # pragma: no cover - disk full, map full: nothing can be ACKed
+                self._apply_growing(ops)
+            except Exception:  # pragma: no cover - disk full: nothing more can be ACKed
                 log.exception("LMDB commit of %d operations failed; stopping the node", len(ops))
                 os._exit(70)
             self.commits += 1
@@ -238,6 +238,19 @@ class MailboxStore:
                     self._loop.call_soon_threadsafe(_run_all, callbacks)
                 except RuntimeError:  # loop closed during shutdown
                     pass
+
+    def _apply_growing(self, ops: list[tuple[Any, ...]]) -> None:
+        for _ in range(16):
+            try:
+                self._apply(ops)
+                return
+            except lmdb.MapFullError:
+                # The map is a reservation of address space, not of disk: double it and retry
+                # the (aborted) transaction.
+                size = self.env.info()["map_size"] * 2
+                log.warning("LMDB map full; growing it to %d bytes", size)
+                self.env.set_mapsize(size)
+        raise RuntimeError("LMDB map could not grow enough for one batch")
 
     def _apply(self, ops: list[tuple[Any, ...]]) -> None:
         if not ops:

@@ -1,0 +1,28 @@
+"""Read a node's ``/health`` and ``/metrics`` (used by tests, benchmarks and operator tools)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+
+def fetch_health(host: str, port: int, timeout: float = 2.0) -> dict:
+    """``GET /health`` as a dict."""
+    with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def fetch_metrics(host: str, port: int, timeout: float = 2.0) -> dict[str, float]:
+    """``GET /metrics`` as {sample name with its labels, e.g. ``a_total{reason="x"}``: value}."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as r:
+        return parse_metrics(r.read().decode())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition format into {sample: value} (comments skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
