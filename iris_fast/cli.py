@@ -85,6 +85,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=d.lmdb_map_size,
         help="LMDB map size in bytes (the mailbox's maximum size)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="worker processes (each binds the port with SO_REUSEPORT; may exceed the cores: "
+        "each holds at most RLIMIT_NOFILE connections)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     config = ServerConfig(**fields)
-    from iris_fast.server.serve import serve
+    from iris_fast.server.supervisor import serve
 
     try:
         return serve(config)

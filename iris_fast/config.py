@@ -32,6 +32,9 @@ class ServerConfig:
     dedup_age_s: float = 3600.0
     lmdb_map_size: int = 8 << 30
     shutdown_grace: float = 5.0
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Set by the supervisor for each worker process.
+    worker_index: int = 0
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless; raises ValueError."""
@@ -42,6 +45,8 @@ class ServerConfig:
             )
         if not 16 <= self.max_frame <= 16 * 1024 * 1024:
             raise ValueError("--max-frame must be between 16 bytes and 16 MiB")
+        if not 1 <= self.workers <= 256:
+            raise ValueError("--workers must be between 1 and 256")
         for name in ("max_inflight", "mailbox_limit", "max_errors", "max_pending_sends"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -72,6 +72,10 @@ cdef class Connection:
     cdef public bint closing
     cdef public bint detached
     cdef public bint write_paused
+    # Set while this connection is being handed to its user's home worker.
+    cdef public bint handoff_pending
+    # (user, preamble) for a socket adopted from another worker; consumed by the worker.
+    cdef public object pending_login
     cdef bint _flush_scheduled
     cdef int _max_frame
 
@@ -93,6 +97,7 @@ cdef class Connection:
     def data_received(self, data):
         global _bytes_in
         cdef int t
+        cdef Py_ssize_t i, n
         cdef tuple f
         _bytes_in += len(data)
         self.last_active = now_monotonic()
@@ -101,7 +106,9 @@ cdef class Connection:
             return
         frames = decoder.feed(data)
         worker = self.worker
-        for f in frames:
+        n = len(frames)
+        for i in range(n):
+            f = frames[i]
             t = f[0]
             if t == T_SEND:
                 if self.user is None:
@@ -119,6 +126,9 @@ cdef class Connection:
                 pass
             elif t == T_LOGIN:
                 worker.on_login(self, f[1], f[2], f[3])
+                if self.handoff_pending:
+                    worker.finish_handoff(self, f[2], frames[i + 1:])
+                    return
             elif t == T_DECODE_ERROR:
                 worker.on_decode_error(self, f[1], f[2])
             else:
@@ -184,6 +194,21 @@ cdef class Connection:
         self.flush()
         if self.transport is not None:
             self.transport.close()
+
+    def abandon(self):
+        """Drop this process's hold on a socket handed to another worker (no FIN, no flush)."""
+        self.closing = True
+        self.detached = True
+        self._out = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fileno(self):
+        return self.transport.get_extra_info("socket").fileno()
+
+    def take_pending(self):
+        """Remove and return the bytes of an incomplete frame (they travel with a hand-off)."""
+        return b"" if self._decoder is None else self._decoder.take_pending()
 
     def pause_reading(self):
         if self.transport is not None and not self.closing:

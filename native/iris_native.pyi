@@ -14,6 +14,13 @@ PING: Final[int]
 PONG: Final[int]
 ERROR: Final[int]
 
+# Internal (worker-link) frame types: decoded only by Decoder(internal=True).
+ROUTE_SEND: Final[int]
+ROUTE_ACK: Final[int]
+ROUTE_ERROR: Final[int]
+LINK_HELLO: Final[int]
+ROUTE_FLAG_REPLAY: Final[int]
+
 E_BAD_FRAME: Final[int]
 E_FRAME_TOO_LARGE: Final[int]
 E_UNKNOWN_TYPE: Final[int]
@@ -43,6 +50,14 @@ DeliverFrame: TypeAlias = tuple[int, int, int, str, str, bytes]
 IntFrame: TypeAlias = tuple[int, int]
 # (ERROR, code, msg_id, reason)
 ErrorFrame: TypeAlias = tuple[int, int, str, str]
+# (ROUTE_SEND, ts_ms, flags, sender, msg_id, to, body)  -- worker links only
+RouteSendFrame: TypeAlias = tuple[int, int, int, str, str, str, bytes]
+# (ROUTE_ACK, user, msg_id, flags)  -- worker links only
+RouteAckFrame: TypeAlias = tuple[int, str, str, int]
+# (ROUTE_ERROR, user, code, msg_id, reason)  -- worker links only
+RouteErrorFrame: TypeAlias = tuple[int, str, int, str, str]
+# (LINK_HELLO, worker, pid, epoch)  -- worker links only
+LinkHelloFrame: TypeAlias = tuple[int, int, int, int]
 # (DECODE_ERROR, code, reason); code E_FRAME_TOO_LARGE is fatal
 DecodeErrorItem: TypeAlias = tuple[int, int, str]
 
@@ -54,17 +69,30 @@ Frame: TypeAlias = (
     | DeliverFrame
     | IntFrame
     | ErrorFrame
+    | RouteSendFrame
+    | RouteAckFrame
+    | RouteErrorFrame
+    | LinkHelloFrame
 )
 Decoded: TypeAlias = Frame | DecodeErrorItem
 
 class Decoder:
-    """Incremental frame decoder for one connection."""
+    """Incremental frame decoder for one connection.
 
-    def __init__(self, max_frame: int = 65536) -> None: ...
+    ``internal=False`` (client connections): the worker-link types ROUTE_SEND,
+    ROUTE_ACK, ROUTE_ERROR and LINK_HELLO are reported as
+    ``(DECODE_ERROR, E_UNKNOWN_TYPE, reason)``. ``internal=True`` (worker links):
+    they decode as well.
+    """
+
+    def __init__(self, max_frame: int = 65536, internal: bool = False) -> None: ...
     def feed(self, data: bytes | bytearray | memoryview) -> list[Decoded]:
         """Return every frame (or decode error) completed by ``data``, in order."""
     def pending(self) -> int:
         """Bytes of an incomplete frame held back (non-zero at EOF: truncated)."""
+    def take_pending(self) -> bytes:
+        """Remove and return the bytes of an incomplete frame (decoder left empty)."""
+        ...
     def release(self) -> None:
         """Free the internal buffer's memory; pending bytes are kept."""
     def capacity(self) -> int:
@@ -73,6 +101,9 @@ class Decoder:
         """True once a frame exceeded max_frame; all further input is ignored."""
     @property
     def max_frame(self) -> int: ...
+    @property
+    def internal(self) -> bool:
+        """True for a worker-link decoder (internal frame types accepted)."""
 
 def encode(frame: Frame, max_frame: int = 65536) -> bytes:
     """Encode one frame tuple; ValueError if malformed or too large."""

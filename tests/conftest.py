@@ -59,7 +59,11 @@ class ServerProcess:
         # cwd outside the source tree: ``-m iris_fast`` must import the installed package,
         # which holds the compiled extension, not the source checkout.
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(self.data_dir.parent)
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.data_dir.parent),
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -87,9 +91,19 @@ class ServerProcess:
         return fetch_metrics("127.0.0.1", self.http_port)
 
     def kill9(self) -> None:
+        """``kill -9`` of the whole node: supervisor and every worker at once."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        # The workers die with the process group; wait until the port is free again.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(self.addr, timeout=0.2):
+                    pass
+            except OSError:
+                return
+            time.sleep(0.05)
 
     def terminate(self, timeout: float = 20.0) -> int:
         assert self.proc is not None
@@ -103,9 +117,9 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
 

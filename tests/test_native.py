@@ -388,3 +388,201 @@ def test_byte_soup_only_returns_tuples(data: bytes, cuts: list[int], max_frame: 
                 assert n.encode(item, max_frame=max_frame)  # decoded frames re-encode
         assert d.pending() <= max_frame + 4
     assert d.poisoned() == fatal
+
+
+# ---------------------------------------------------------------------------
+# Internal (worker-link) frames
+# ---------------------------------------------------------------------------
+
+INTERNAL_SAMPLES = [
+    (n.ROUTE_SEND, 1_700_000_000_000, n.ROUTE_FLAG_REPLAY, "alice", "m1", "bob", b"\x00\xff body"),
+    (n.ROUTE_SEND, 0, 0, "", "", "", b""),
+    (n.ROUTE_ACK, "alice", "m1", n.ACK_STORED | n.ACK_DUPLICATE),
+    (n.ROUTE_ERROR, "alice", 9, "m1", "mailbox full ✓"),
+    (n.LINK_HELLO, 65535, 2**32 - 1, 2**64 - 1),
+]
+
+
+def decode_internal(data: bytes, max_frame: int = 65536) -> list[tuple]:
+    return n.Decoder(max_frame, internal=True).feed(data)
+
+
+def only_internal_error(data: bytes) -> tuple:
+    out = decode_internal(data)
+    assert len(out) == 1, out
+    assert out[0][0] == n.DECODE_ERROR, out
+    return out[0]
+
+
+def test_internal_constants_and_decoder_flag() -> None:
+    assert (n.ROUTE_SEND, n.ROUTE_ACK, n.ROUTE_ERROR, n.LINK_HELLO) == (0x41, 0x42, 0x43, 0x44)
+    assert n.ROUTE_FLAG_REPLAY == 1
+    assert n.Decoder().internal is False
+    assert n.Decoder(100).internal is False
+    assert n.Decoder(100, True).internal is True
+    d = n.Decoder(max_frame=100, internal=True)
+    assert d.internal and d.max_frame == 100
+    assert "internal=True" in repr(d)
+
+
+def test_internal_wire_layout() -> None:
+    assert n.encode((n.ROUTE_ACK, "u", "ab", 3)) == b"\x00\x00\x00\x07\x42\x01u\x02ab\x03"
+    assert n.encode((n.LINK_HELLO, 0x0102, 0x03040506, 7)) == (
+        b"\x00\x00\x00\x0f\x44\x01\x02\x03\x04\x05\x06" + (7).to_bytes(8, "big")
+    )
+    assert n.encode((n.ROUTE_SEND, 1, 1, "s", "m", "t", b"xy")) == (
+        b"\x00\x00\x00\x12\x41" + (1).to_bytes(8, "big") + b"\x01\x01s\x01m\x01txy"
+    )
+    assert n.encode((n.ROUTE_ERROR, "u", 0x0102, "m", "r")) == (
+        b"\x00\x00\x00\x0a\x43\x01u\x01\x02\x01m\x00\x01r"
+    )
+
+
+@pytest.mark.parametrize("frame", INTERNAL_SAMPLES, ids=lambda f: hex(f[0]))
+def test_internal_roundtrip(frame: tuple) -> None:
+    assert decode_internal(n.encode(frame)) == [frame]
+
+
+def test_internal_decoded_types() -> None:
+    [(t, ts, flags, sender, msg_id, to, body)] = decode_internal(n.encode(INTERNAL_SAMPLES[0]))
+    assert t == n.ROUTE_SEND
+    assert type(body) is bytes
+    assert type(sender) is str and type(msg_id) is str and type(to) is str
+    assert type(ts) is int and type(flags) is int
+
+
+def test_internal_decoder_also_speaks_client_frames() -> None:
+    frames = SAMPLES + INTERNAL_SAMPLES + SAMPLES
+    data = n.encode_batch(frames)
+    assert data == b"".join(n.encode(f) for f in frames)
+    assert decode_internal(data) == frames
+    d = n.Decoder(internal=True)
+    out: list[tuple] = []
+    for i in range(len(data)):
+        out += d.feed(data[i : i + 1])
+    assert out == frames
+    assert d.pending() == 0
+
+
+@pytest.mark.parametrize("frame", INTERNAL_SAMPLES, ids=lambda f: hex(f[0]))
+def test_default_decoder_rejects_internal_as_unknown(frame: tuple) -> None:
+    t = frame[0]
+    want = (n.DECODE_ERROR, n.E_UNKNOWN_TYPE, f"unknown frame type 0x{t:02x}")
+    data = n.encode(frame) + n.encode((n.PONG, 5))
+    assert n.Decoder().feed(data) == [want, (n.PONG, 5)]
+    assert n.Decoder(internal=False).feed(data) == [want, (n.PONG, 5)]
+    # Identical to what a never-assigned type gets, whatever the payload.
+    assert decode(raw(t, b"")) == [want]
+    assert decode(raw(t, b"\xff\xfe\xfd")) == [want]
+    other = decode(raw(0x45, b"abc"))
+    assert other == [(n.DECODE_ERROR, n.E_UNKNOWN_TYPE, "unknown frame type 0x45")]
+
+
+def internal_fixed_part_len(frame: tuple) -> int:
+    payload_len = len(n.encode(frame)) - 5
+    return payload_len - len(frame[-1]) if frame[0] == n.ROUTE_SEND else payload_len
+
+
+@pytest.mark.parametrize("frame", INTERNAL_SAMPLES, ids=lambda f: hex(f[0]))
+def test_internal_truncated_fields_are_bad_frame(frame: tuple) -> None:
+    payload = n.encode(frame)[5:]
+    for cut in range(internal_fixed_part_len(frame)):
+        code, reason = only_internal_error(raw(frame[0], payload[:cut]))[1:]
+        assert code == n.E_BAD_FRAME, (cut, reason)
+        assert "truncated" in reason
+
+
+@pytest.mark.parametrize(
+    "frame", [f for f in INTERNAL_SAMPLES if f[0] != n.ROUTE_SEND], ids=lambda f: hex(f[0])
+)
+def test_internal_trailing_bytes_are_bad_frame(frame: tuple) -> None:
+    _, code, reason = only_internal_error(raw(frame[0], n.encode(frame)[5:] + b"\0"))
+    assert code == n.E_BAD_FRAME
+    assert "trailing" in reason
+
+
+INTERNAL_BAD_UTF8_CASES = [
+    ((n.ROUTE_SEND, 1, 0, "\x7f\x7f", "m", "t", b""), "sender"),
+    ((n.ROUTE_SEND, 1, 0, "s", "\x7f\x7f", "t", b""), "msg_id"),
+    ((n.ROUTE_SEND, 1, 0, "s", "m", "\x7f\x7f", b""), "to"),
+    ((n.ROUTE_ACK, "\x7f\x7f", "m", 0), "user"),
+    ((n.ROUTE_ACK, "u", "\x7f\x7f", 0), "msg_id"),
+    ((n.ROUTE_ERROR, "\x7f\x7f", 1, "m", "r"), "user"),
+    ((n.ROUTE_ERROR, "u", 1, "\x7f\x7f", "r"), "msg_id"),
+    ((n.ROUTE_ERROR, "u", 1, "m", "\x7f\x7f"), "reason"),
+]
+
+
+@pytest.mark.parametrize("frame,field", INTERNAL_BAD_UTF8_CASES, ids=lambda x: str(x))
+def test_internal_bad_utf8(frame: tuple, field: str) -> None:
+    data = n.encode(frame).replace(b"\x7f\x7f", b"\xff\xfe")
+    _, code, reason = only_internal_error(data)
+    assert code == n.E_BAD_UTF8
+    assert field in reason
+    assert only_error(data)[1] == n.E_UNKNOWN_TYPE  # a client decoder never parses it
+
+
+@pytest.mark.parametrize(
+    "frame,match",
+    [
+        ((n.ROUTE_SEND, 1, 0, "s", "m", "t"), "ROUTE_SEND tuple must have 7 items"),
+        ((n.ROUTE_ACK, "u", "m"), "ROUTE_ACK tuple must have 4 items"),
+        ((n.ROUTE_ERROR, "u", 1, "m"), "ROUTE_ERROR tuple must have 5 items"),
+        ((n.LINK_HELLO, 1, 2), "LINK_HELLO tuple must have 4 items"),
+        ((n.ROUTE_SEND, 1, 256, "s", "m", "t", b""), "flags"),
+        ((n.ROUTE_SEND, 1, 0, "s", "m", "t", "body"), "body must be bytes"),
+        ((n.ROUTE_SEND, 1, 0, "s", "m", "t" * 256, b""), "to is 256 bytes"),
+        ((n.ROUTE_ACK, 1, "m", 0), "user must be str"),
+        ((n.ROUTE_ERROR, "u", 65536, "m", "r"), "code"),
+        ((n.LINK_HELLO, 65536, 1, 1), "worker"),
+        ((n.LINK_HELLO, 1, 2**32, 1), "pid"),
+        ((n.LINK_HELLO, 1, 1, -1), "epoch"),
+    ],
+)
+def test_encode_rejects_malformed_internal(frame: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        n.encode(frame)
+    with pytest.raises(ValueError, match="frame 1"):
+        n.encode_batch([(n.PING, 1), frame])
+
+
+internal_frames = st.one_of(
+    st.tuples(st.just(n.ROUTE_SEND), u64, u8, str8, str8, str8, body),
+    st.tuples(st.just(n.ROUTE_ACK), str8, str8, u8),
+    st.tuples(st.just(n.ROUTE_ERROR), str8, st.integers(0, 65535), str8, str16),
+    st.tuples(st.just(n.LINK_HELLO), st.integers(0, 65535), st.integers(0, 2**32 - 1), u64),
+)
+all_frames = st.one_of(frames, internal_frames)
+INTERNAL_TYPES = (n.ROUTE_SEND, n.ROUTE_ACK, n.ROUTE_ERROR, n.LINK_HELLO)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(all_frames, min_size=1, max_size=8), st.lists(st.integers(0, 10**6), max_size=6))
+def test_internal_decode_inverts_encode(fs: list[tuple], cuts: list[int]) -> None:
+    data = n.encode_batch(fs, max_frame=1 << 20)
+    assert data == b"".join(n.encode(f, max_frame=1 << 20) for f in fs)
+    d = n.Decoder(1 << 20, internal=True)
+    out: list[tuple] = []
+    for chunk in split(data, cuts):
+        out += d.feed(chunk)
+    assert out == fs
+    assert d.pending() == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(all_frames, min_size=1, max_size=8), st.lists(st.integers(0, 10**6), max_size=6))
+def test_default_decoder_reports_internal_frames_as_unknown(
+    fs: list[tuple], cuts: list[int]
+) -> None:
+    d = n.Decoder(1 << 20)
+    out: list[tuple] = []
+    for chunk in split(n.encode_batch(fs, max_frame=1 << 20), cuts):
+        out += d.feed(chunk)
+    want = [
+        (n.DECODE_ERROR, n.E_UNKNOWN_TYPE, f"unknown frame type 0x{f[0]:02x}")
+        if f[0] in INTERNAL_TYPES
+        else f
+        for f in fs
+    ]
+    assert out == want
+    assert d.pending() == 0

@@ -8,8 +8,10 @@ justify a web framework in the server's dependency tree.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Callable
+from typing import Any
 
 MAX_REQUEST = 8192
 
@@ -17,13 +19,16 @@ MAX_REQUEST = 8192
 class HttpEndpoint(asyncio.Protocol):
     """Serves the routes given as {path: () -> (content_type, body)}."""
 
-    def __init__(self, routes: dict[str, Callable[[], tuple[str, bytes]]]) -> None:
+    def __init__(self, routes: dict[str, Callable[[], Any]]) -> None:
         self.routes = routes
         self.buf = b""
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -44,7 +49,16 @@ class HttpEndpoint(asyncio.Protocol):
         if route is None:
             self._reply(404, "text/plain", b"not found; try /health or /metrics\n")
             return
-        ctype, body = route()
+        result = route()
+        if inspect.isawaitable(result):
+            # The supervisor's routes ask the workers first.
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda t: self._answer(method, t.result()))
+        else:
+            self._answer(method, result)
+
+    def _answer(self, method: str, result: tuple[str, bytes]) -> None:
+        ctype, body = result
         self._reply(200, ctype, b"" if method == "HEAD" else body)
 
     def _reply(self, status: int, ctype: str, body: bytes) -> None:
@@ -59,7 +73,8 @@ class HttpEndpoint(asyncio.Protocol):
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        assert self.transport is not None
+        if self.transport is None or self.transport.is_closing():
+            return
         self.transport.write(head + body)
         self.transport.close()
 

@@ -37,6 +37,12 @@ class NodeMetrics:
         self.fsyncs = Counter(
             "iris_lmdb_fsyncs", "LMDB transactions committed with fsync", registry=self.registry
         )
+        # RSS once the worker is up with no clients: the base of bytes-per-connection.
+        self.rss_baseline = 0
+        self.delivered_per_s = 0.0
+        self._last_delivered = 0
+        self._last_tick = time.monotonic()
+        self._worker: Worker | None = None
 
     def on_commit(self, ops: int, seconds: float) -> None:
         """Called by the storage writer thread after each commit."""
@@ -46,7 +52,18 @@ class NodeMetrics:
             self.lmdb_commit_seconds.observe(seconds)
 
     def attach(self, worker: Worker, started: float) -> None:
-        self.registry.register(_WorkerCollector(worker, started))
+        self._worker = worker
+        self.registry.register(_WorkerCollector(worker, started, self))
+
+    def tick(self) -> None:
+        """Once a second: refresh the messages/s gauge (exponentially smoothed over ~5 s)."""
+        if self._worker is None:
+            return
+        now = time.monotonic()
+        delivered = self._worker.stats.delivered
+        rate = (delivered - self._last_delivered) / max(now - self._last_tick, 1e-3)
+        self.delivered_per_s += (rate - self.delivered_per_s) * 0.2
+        self._last_delivered, self._last_tick = delivered, now
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -62,9 +79,10 @@ def rss_bytes() -> int:
 
 
 class _WorkerCollector:
-    def __init__(self, worker: Worker, started: float) -> None:
+    def __init__(self, worker: Worker, started: float, node: NodeMetrics) -> None:
         self.worker = worker
         self.started = started
+        self.node = node
 
     def describe(self) -> list[Metric]:
         return []
@@ -124,12 +142,35 @@ class _WorkerCollector:
         )
         rss = rss_bytes()
         yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)
+        yield GaugeMetricFamily(
+            "iris_rss_baseline_bytes",
+            "RSS when the worker was up with no clients",
+            value=self.node.rss_baseline,
+        )
         conns = len(w.connections)
         yield GaugeMetricFamily(
             "iris_memory_per_connection_bytes",
-            "RSS divided by open connections (includes the fixed cost of the process)",
-            value=rss / conns if conns else 0.0,
+            "RSS growth since start divided by open connections",
+            value=max(rss - self.node.rss_baseline, 0) / conns if conns else 0.0,
         )
+        yield GaugeMetricFamily(
+            "iris_messages_delivered_per_second",
+            "Deliveries acknowledged per second (smoothed over ~5 s)",
+            value=self.node.delivered_per_s,
+        )
+        s_ = w.stats
+        for name, doc, value in (
+            ("iris_handoffs_in", "Connections adopted from another worker", s_.handoffs_in),
+            ("iris_handoffs_out", "Connections handed to their home worker", s_.handoffs_out),
+            (
+                "iris_handoff_failures",
+                "Hand-offs that failed (home restarting)",
+                s_.handoff_failures,
+            ),
+            ("iris_routed_in", "Messages received from other workers", s_.routed_in),
+            ("iris_routed_out", "Messages forwarded to other workers", s_.routed_out),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily(
             "iris_cpu_seconds",

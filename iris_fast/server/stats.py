@@ -23,6 +23,11 @@ class WorkerStats:
         "refused",
         "mailbox_full",
         "login_timeouts",
+        "handoffs_in",
+        "handoffs_out",
+        "handoff_failures",
+        "routed_in",
+        "routed_out",
         "rejected_by_reason",
     )
 
@@ -38,6 +43,11 @@ class WorkerStats:
         self.refused = 0
         self.mailbox_full = 0
         self.login_timeouts = 0
+        self.handoffs_in = 0
+        self.handoffs_out = 0
+        self.handoff_failures = 0
+        self.routed_in = 0
+        self.routed_out = 0
         self.rejected_by_reason: dict[str, int] = {}
 
     def rejected(self, reason: str) -> None:

@@ -18,22 +18,25 @@ Delivery model (docs/architecture.md has the reasoning):
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import iris_native as N
 from iris_native import DEDUP_DONE, DedupWindow, dedup_key
 
 from iris_fast import protocol as P
 from iris_fast.config import ServerConfig
+from iris_fast.connection import Connection
 from iris_fast.server.auth import AuthError, verify_token
+from iris_fast.server.links import Handoff, HandoffError, Links, home_of
 from iris_fast.server.stats import WorkerStats
 
 if TYPE_CHECKING:
     import asyncio
 
-    from iris_fast.connection import Connection
     from iris_fast.storage.mailbox import MailboxStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,14 @@ class Worker:
         self.loop = loop
         self.stats = stats or WorkerStats()
         self.node_id = config.node_id
+        self.index = config.worker_index
+        self.workers = config.workers
+        # Set by the process entry point once the sockets exist (None with a single worker).
+        self.links: Links | None = None
+        self.handoff: Handoff | None = None
+        # Messages forwarded to another worker and not yet answered, per worker, in send order:
+        # replayed when that worker comes back after a crash.
+        self.routed: dict[int, dict[tuple[str, str], tuple]] = {}
         self.sessions: dict[str, Connection] = {}
         self.connections: set[Connection] = set()
         self.unauthenticated: set[Connection] = set()
@@ -106,8 +117,18 @@ class Worker:
             conn.close()
             return
         self.connections.add(conn)
-        self.unauthenticated.add(conn)
         self.stats.connections_opened += 1
+        adopted = conn.pending_login
+        if adopted is not None:
+            # A socket handed over by another worker, whose user already passed LOGIN there.
+            conn.pending_login = None
+            user, preamble = adopted
+            self.stats.handoffs_in += 1
+            self._login_local(conn, user)
+            if preamble:
+                conn.data_received(preamble)
+            return
+        self.unauthenticated.add(conn)
 
     def on_close(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -166,6 +187,51 @@ class Worker:
                 self.stats.auth_failures += 1
                 self.fatal(conn, P.E_AUTH_FAILED, str(exc))
                 return
+        if home_of(user, self.workers) != self.index:
+            # Not this user's home: stop reading now (what is already read travels along) and
+            # let the connection call finish_handoff with the frames that followed LOGIN.
+            conn.pause_reading()
+            conn.handoff_pending = True
+            self.unauthenticated.discard(conn)
+            return
+        self._login_local(conn, user)
+
+    def finish_handoff(self, conn: Connection, user: str, rest: list[tuple]) -> None:
+        """Called by the connection with the frames that followed LOGIN in the same read."""
+        assert self.handoff is not None
+        home = home_of(user, self.workers)
+        preamble = b"".join((N.encode_batch(rest, 1 << 30) if rest else b"", conn.take_pending()))
+        try:
+            self.handoff.send(home, conn.fileno(), user, preamble)
+        except HandoffError as exc:
+            self.stats.handoff_failures += 1
+            log.warning("hand-off of %r to worker %d failed: %s", user, home, exc)
+            conn.handoff_pending = False
+            self.connections.add(conn)
+            self.fatal(conn, P.E_SHUTTING_DOWN, "the worker for this user is restarting; retry")
+            return
+        self.stats.handoffs_out += 1
+        conn.abandon()
+
+    def adopt(self, sock: socket.socket, user: str, preamble: bytes) -> None:
+        """Take over a client socket another worker logged in (see links.Handoff)."""
+        max_frame = self.config.max_frame
+
+        def factory() -> Connection:
+            conn = Connection(self, max_frame)
+            conn.pending_login = (user, preamble)
+            return conn
+
+        async def attach() -> None:
+            try:
+                await self.loop.connect_accepted_socket(factory, sock)
+            except Exception as exc:
+                log.warning("adopting a connection of %r failed: %s", user, exc)
+                sock.close()
+
+        self.loop.create_task(attach())
+
+    def _login_local(self, conn: Connection, user: str) -> None:
         old = self.sessions.get(user)
         if old is not None:
             # One device per user for now: a re-login (typically after a half-dead TCP
@@ -190,8 +256,7 @@ class Worker:
         self._pump(conn)
 
     def on_send(self, conn: Connection, msg_id: str, to: str, body: bytes) -> None:
-        stats = self.stats
-        stats.received += 1
+        self.stats.received += 1
         sender = conn.user
         if not msg_id:
             self.reject(conn, P.E_BAD_FRAME, "msg_id must not be empty")
@@ -202,12 +267,70 @@ class Worker:
             )
             return
         now_ms = int(time.time() * 1000)
+        home = home_of(to, self.workers)
+        if home == self.index:
+            self._accept(sender, msg_id, to, body, now_ms, conn)
+            return
+        # The recipient's home decides (dedup, live or stored); we keep the message until it
+        # answers, so that a crash of that worker only delays it.
+        frame = (N.ROUTE_SEND, now_ms, 0, sender, msg_id, to, body)
+        pending = self.routed.get(home)
+        if pending is None:
+            pending = self.routed[home] = {}
+        pending[(sender, msg_id)] = frame
+        assert self.links is not None
+        self.links.send(home, frame)
+        self.stats.routed_out += 1
+
+    def on_route_send(
+        self, ts_ms: int, flags: int, sender: str, msg_id: str, to: str, body: bytes
+    ) -> None:
+        """A SEND forwarded by the sender's home worker."""
+        self.stats.routed_in += 1
+        self._accept(sender, msg_id, to, body, ts_ms, None)
+
+    def on_route_ack(self, peer: int, user: str, msg_id: str, flags: int) -> None:
+        pending = self.routed.get(peer)
+        if pending is not None:
+            pending.pop((user, msg_id), None)
+        self._ack_local(user, msg_id, flags)
+
+    def on_route_error(self, peer: int, user: str, code: int, msg_id: str, reason: str) -> None:
+        pending = self.routed.get(peer)
+        if pending is not None:
+            pending.pop((user, msg_id), None)
+        self.stats.refused += 1
+        conn = self.sessions.get(user)
+        if conn is not None:
+            conn.send((P.ERROR, code, msg_id, reason))
+
+    def on_link_up(self, peer: int) -> None:
+        """A link (re)connected: resend what that worker never answered, in order."""
+        pending = self.routed.get(peer)
+        if not pending:
+            return
+        log.info("replaying %d unanswered messages to worker %d", len(pending), peer)
+        assert self.links is not None
+        for frame in pending.values():
+            self.links.send(peer, frame[:2] + (frame[2] | N.ROUTE_FLAG_REPLAY,) + frame[3:])
+
+    def _accept(
+        self,
+        sender: str,
+        msg_id: str,
+        to: str,
+        body: bytes,
+        now_ms: int,
+        conn: Connection | None,
+    ) -> None:
+        """Take a message for a user homed here; ``conn`` is the sender's if it is local."""
+        stats = self.stats
         state = self.dedup.check_and_insert(sender, msg_id, now_ms)
         if state:
             stats.deduplicated += 1
             if state == DEDUP_DONE:
-                conn.send((P.ACK, msg_id, P.ACK_DUPLICATE))
-            # DEDUP_PENDING: the first copy is in flight; its ACK goes to the sender's session.
+                self._complete(sender, msg_id, P.ACK_DUPLICATE)
+            # DEDUP_PENDING: the first copy is in flight; its ACK goes to the sender.
             return
         mb = self.mailboxes.get(to)
         if mb is None:
@@ -215,7 +338,8 @@ class Worker:
         if mb.count >= self._mailbox_limit:
             self.dedup.remove(sender, msg_id)
             stats.mailbox_full += 1
-            self.refuse(
+            self._refuse_to(
+                sender,
                 conn,
                 P.E_MAILBOX_FULL,
                 msg_id,
@@ -234,7 +358,7 @@ class Worker:
             self._deliver(rcpt, (seq, sender, msg_id, now_ms, body, False))
         else:
             self._store(to, mb, seq, sender, msg_id, now_ms, body)
-            if self.store.queued > STORE_HIGH_WATER:
+            if conn is not None and self.store.queued > STORE_HIGH_WATER:
                 conn.pause_reading()
                 self._paused_senders.add(conn)
 
@@ -269,7 +393,7 @@ class Worker:
                 # Persisting the window entry lets a resend after a restart be recognised;
                 # it is not waited for (the message itself is already delivered).
                 self.store.put_dedup(dedup_key(sender, msg_id), now_ms)
-                self._ack(sender, msg_id, 0)
+                self._complete(sender, msg_id, 0)
         self._pump(conn)
 
     def on_decode_error(self, conn: Connection, code: int, reason: str) -> None:
@@ -351,7 +475,7 @@ class Worker:
             if mb is not None and mb.uncommitted is not None:
                 mb.uncommitted.discard(seq)
             self.dedup.mark_done(sender, msg_id)
-            self._ack(sender, msg_id, P.ACK_STORED)
+            self._complete(sender, msg_id, P.ACK_STORED)
             if user in self.sessions:
                 self._schedule_pump(user)
             if self._paused_senders and self.store.queued < STORE_LOW_WATER:
@@ -373,12 +497,34 @@ class Worker:
 
         return deleted
 
-    def _ack(self, sender: str, msg_id: str, flags: int) -> None:
+    def _complete(self, sender: str, msg_id: str, flags: int) -> None:
+        """The message is taken care of: ACK its sender, wherever the sender's home is."""
+        home = home_of(sender, self.workers)
+        if home == self.index:
+            self._ack_local(sender, msg_id, flags)
+        elif self.links is not None:
+            self.links.send_or_hold(home, (N.ROUTE_ACK, sender, msg_id, flags))
+
+    def _ack_local(self, sender: str, msg_id: str, flags: int) -> None:
         # ACKs follow the sender's *user*: a client that reconnected gets the ACKs of what it
         # sent before on its new connection (and resends anything still unACKed).
         conn = self.sessions.get(sender)
         if conn is not None:
             conn.send((P.ACK, msg_id, flags))
+
+    def _refuse_to(
+        self, sender: str, conn: Connection | None, code: int, msg_id: str, reason: str
+    ) -> None:
+        if conn is not None:
+            self.refuse(conn, code, msg_id, reason)
+            return
+        home = home_of(sender, self.workers)
+        if home == self.index:
+            target = self.sessions.get(sender)
+            if target is not None:
+                self.refuse(target, code, msg_id, reason)
+        elif self.links is not None:
+            self.links.send_or_hold(home, (N.ROUTE_ERROR, sender, code, msg_id, reason))
 
     def _schedule_pump(self, user: str) -> None:
         self._to_pump.add(user)

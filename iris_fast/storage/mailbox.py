@@ -75,6 +75,7 @@ class MailboxStore:
         *,
         map_size: int = 1 << 30,
         on_commit: Callable[[int, float], None] | None = None,
+        writer_id: int = 0,
     ) -> None:
         os.makedirs(path, exist_ok=True)
         # sync=True, metasync=True: a commit returns only after fsync; this is what makes an ACK
@@ -87,6 +88,9 @@ class MailboxStore:
         self._meta = self.env.open_db(b"meta")
         self._loop = loop
         self._on_commit = on_commit
+        # Each worker process keeps its own high-water mark; a new counter starts above all of
+        # them, so the worker that owns a mailbox after a change of --workers still counts up.
+        self._hwm_key = _SEQ_HWM + b":%d" % writer_id
         self._lock = threading.Condition()
         self._ops: list[tuple[Any, ...]] = []
         self._callbacks: list[Callable[[], None]] = []
@@ -103,9 +107,14 @@ class MailboxStore:
     # ---- sequence numbers -------------------------------------------------------------------
 
     def _load_hwm(self) -> int:
+        stored = 0
         with self.env.begin(db=self._meta) as txn:
-            raw = txn.get(_SEQ_HWM)
-        stored = _SEQ.unpack(raw)[0] if raw else 0
+            cur = txn.cursor()
+            if cur.set_range(_SEQ_HWM):
+                for key, raw in cur:
+                    if not key.startswith(_SEQ_HWM):
+                        break
+                    stored = max(stored, _SEQ.unpack(raw)[0])
         # Microseconds since the epoch as a floor keeps seqs growing across restarts even if the
         # hwm write of the last batch was lost; the stored hwm covers a clock that stepped back.
         return max(stored, int(time.time() * 1_000_000))
@@ -272,7 +281,7 @@ class MailboxStore:
                         while cur.key() < op[1]:
                             if not cur.delete():
                                 break
-            txn.put(_SEQ_HWM, _SEQ.pack(self.seq_hwm), db=self._meta)
+            txn.put(self._hwm_key, _SEQ.pack(self.seq_hwm), db=self._meta)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until everything queued so far is durable (used at shutdown)."""

@@ -55,6 +55,19 @@ mod tests {
                     msg_id: "a".into(),
                     flags: 3,
                 },
+                Frame::RouteSend {
+                    ts_ms: 5,
+                    flags: crate::frame::ROUTE_FLAG_REPLAY,
+                    sender: "a".into(),
+                    msg_id: "m".into(),
+                    to: "b".into(),
+                    body: b"hi".to_vec(),
+                },
+                Frame::LinkHello {
+                    worker: 1,
+                    pid: 2,
+                    epoch: 3,
+                },
             ])
             .collect()
     }
@@ -70,7 +83,7 @@ mod tests {
             .collect();
         assert_eq!(batch, concat);
         assert_eq!(batch.capacity(), batch.len());
-        let decoded: Vec<_> = Decoder::default()
+        let decoded: Vec<_> = Decoder::new_internal(DEFAULT_MAX_FRAME)
             .feed_owned(&batch)
             .into_iter()
             .map(Result::unwrap)

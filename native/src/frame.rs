@@ -13,6 +13,21 @@ pub const PING: u8 = 0x07;
 pub const PONG: u8 = 0x08;
 pub const ERROR: u8 = 0x09;
 
+// Internal frame types: valid only on worker-to-worker links (a decoder built
+// with `internal = true`); a client decoder reports them as unknown types.
+pub const ROUTE_SEND: u8 = 0x41;
+pub const ROUTE_ACK: u8 = 0x42;
+pub const ROUTE_ERROR: u8 = 0x43;
+pub const LINK_HELLO: u8 = 0x44;
+
+/// `ROUTE_SEND.flags` bit: the message is a replay of a stored one.
+pub const ROUTE_FLAG_REPLAY: u8 = 1;
+
+/// True for the frame types that only internal links accept.
+pub fn is_internal_type(t: u8) -> bool {
+    matches!(t, ROUTE_SEND | ROUTE_ACK | ROUTE_ERROR | LINK_HELLO)
+}
+
 pub const E_BAD_FRAME: u16 = 1;
 pub const E_FRAME_TOO_LARGE: u16 = 2;
 pub const E_UNKNOWN_TYPE: u16 = 3;
@@ -72,6 +87,30 @@ pub enum Frame {
         msg_id: String,
         reason: String,
     },
+    RouteSend {
+        ts_ms: u64,
+        flags: u8,
+        sender: String,
+        msg_id: String,
+        to: String,
+        body: Vec<u8>,
+    },
+    RouteAck {
+        user: String,
+        msg_id: String,
+        flags: u8,
+    },
+    RouteError {
+        user: String,
+        code: u16,
+        msg_id: String,
+        reason: String,
+    },
+    LinkHello {
+        worker: u16,
+        pid: u32,
+        epoch: u64,
+    },
 }
 
 /// A frame borrowing its strings and body, either from the decoder's input (so
@@ -119,6 +158,30 @@ pub enum FrameRef<'a> {
         code: u16,
         msg_id: &'a str,
         reason: &'a str,
+    },
+    RouteSend {
+        ts_ms: u64,
+        flags: u8,
+        sender: &'a str,
+        msg_id: &'a str,
+        to: &'a str,
+        body: &'a [u8],
+    },
+    RouteAck {
+        user: &'a str,
+        msg_id: &'a str,
+        flags: u8,
+    },
+    RouteError {
+        user: &'a str,
+        code: u16,
+        msg_id: &'a str,
+        reason: &'a str,
+    },
+    LinkHello {
+        worker: u16,
+        pid: u32,
+        epoch: u64,
     },
 }
 
@@ -175,6 +238,46 @@ impl Frame {
                 msg_id,
                 reason,
             },
+            Frame::RouteSend {
+                ts_ms,
+                flags,
+                sender,
+                msg_id,
+                to,
+                body,
+            } => FrameRef::RouteSend {
+                ts_ms: *ts_ms,
+                flags: *flags,
+                sender,
+                msg_id,
+                to,
+                body,
+            },
+            Frame::RouteAck {
+                user,
+                msg_id,
+                flags,
+            } => FrameRef::RouteAck {
+                user,
+                msg_id,
+                flags: *flags,
+            },
+            Frame::RouteError {
+                user,
+                code,
+                msg_id,
+                reason,
+            } => FrameRef::RouteError {
+                user,
+                code: *code,
+                msg_id,
+                reason,
+            },
+            Frame::LinkHello { worker, pid, epoch } => FrameRef::LinkHello {
+                worker: *worker,
+                pid: *pid,
+                epoch: *epoch,
+            },
         }
     }
 }
@@ -191,6 +294,10 @@ impl FrameRef<'_> {
             FrameRef::Ping { .. } => PING,
             FrameRef::Pong { .. } => PONG,
             FrameRef::Error { .. } => ERROR,
+            FrameRef::RouteSend { .. } => ROUTE_SEND,
+            FrameRef::RouteAck { .. } => ROUTE_ACK,
+            FrameRef::RouteError { .. } => ROUTE_ERROR,
+            FrameRef::LinkHello { .. } => LINK_HELLO,
         }
     }
 
@@ -250,6 +357,42 @@ impl FrameRef<'_> {
                 msg_id: msg_id.to_owned(),
                 reason: reason.to_owned(),
             },
+            FrameRef::RouteSend {
+                ts_ms,
+                flags,
+                sender,
+                msg_id,
+                to,
+                body,
+            } => Frame::RouteSend {
+                ts_ms,
+                flags,
+                sender: sender.to_owned(),
+                msg_id: msg_id.to_owned(),
+                to: to.to_owned(),
+                body: body.to_vec(),
+            },
+            FrameRef::RouteAck {
+                user,
+                msg_id,
+                flags,
+            } => Frame::RouteAck {
+                user: user.to_owned(),
+                msg_id: msg_id.to_owned(),
+                flags,
+            },
+            FrameRef::RouteError {
+                user,
+                code,
+                msg_id,
+                reason,
+            } => Frame::RouteError {
+                user: user.to_owned(),
+                code,
+                msg_id: msg_id.to_owned(),
+                reason: reason.to_owned(),
+            },
+            FrameRef::LinkHello { worker, pid, epoch } => Frame::LinkHello { worker, pid, epoch },
         }
     }
 }
@@ -265,6 +408,10 @@ fn type_name(t: u8) -> &'static str {
         PING => "PING",
         PONG => "PONG",
         ERROR => "ERROR",
+        ROUTE_SEND => "ROUTE_SEND",
+        ROUTE_ACK => "ROUTE_ACK",
+        ROUTE_ERROR => "ROUTE_ERROR",
+        LINK_HELLO => "LINK_HELLO",
         _ => "unknown",
     }
 }
@@ -389,8 +536,24 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Parses one frame body: `ftype` is the type byte, `payload` what follows it.
+/// Parses one client-link frame body: `ftype` is the type byte, `payload`
+/// what follows it. Internal frame types are rejected as UNKNOWN_TYPE.
 pub fn parse_frame(ftype: u8, payload: &[u8]) -> Result<FrameRef<'_>, DecodeError> {
+    parse_frame_on(ftype, payload, false)
+}
+
+/// Parses one frame body on a link of the given kind: with `internal` the
+/// worker-link types (ROUTE_SEND, ROUTE_ACK, ROUTE_ERROR, LINK_HELLO) are
+/// accepted too; without it they are unknown types, exactly as any other
+/// type byte outside the client table.
+pub fn parse_frame_on(
+    ftype: u8,
+    payload: &[u8],
+    internal: bool,
+) -> Result<FrameRef<'_>, DecodeError> {
+    if !internal && is_internal_type(ftype) {
+        return Err(unknown_type(ftype));
+    }
     let mut r = Reader {
         buf: payload,
         pos: 0,
@@ -436,15 +599,38 @@ pub fn parse_frame(ftype: u8, payload: &[u8]) -> Result<FrameRef<'_>, DecodeErro
             msg_id: r.str8("msg_id")?,
             reason: r.str16("reason")?,
         },
-        other => {
-            return Err(DecodeError::new(
-                E_UNKNOWN_TYPE,
-                format!("unknown frame type 0x{other:02x}"),
-            ))
-        }
+        ROUTE_SEND => FrameRef::RouteSend {
+            ts_ms: r.u64("ts_ms")?,
+            flags: r.u8("flags")?,
+            sender: r.str8("sender")?,
+            msg_id: r.str8("msg_id")?,
+            to: r.str8("to")?,
+            body: r.rest(),
+        },
+        ROUTE_ACK => FrameRef::RouteAck {
+            user: r.str8("user")?,
+            msg_id: r.str8("msg_id")?,
+            flags: r.u8("flags")?,
+        },
+        ROUTE_ERROR => FrameRef::RouteError {
+            user: r.str8("user")?,
+            code: r.u16("code")?,
+            msg_id: r.str8("msg_id")?,
+            reason: r.str16("reason")?,
+        },
+        LINK_HELLO => FrameRef::LinkHello {
+            worker: r.u16("worker")?,
+            pid: r.u32("pid")?,
+            epoch: r.u64("epoch")?,
+        },
+        other => return Err(unknown_type(other)),
     };
     r.finish()?;
     Ok(frame)
+}
+
+fn unknown_type(t: u8) -> DecodeError {
+    DecodeError::new(E_UNKNOWN_TYPE, format!("unknown frame type 0x{t:02x}"))
 }
 
 /// What the header of the next frame says.
@@ -468,6 +654,8 @@ pub struct Decoder {
     buf: Vec<u8>,
     max_frame: u32,
     poisoned: bool,
+    /// Worker link: also accepts the internal frame types.
+    internal: bool,
 }
 
 impl Default for Decoder {
@@ -477,16 +665,32 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// A decoder for a client connection (internal frame types are unknown).
     pub fn new(max_frame: u32) -> Self {
+        Decoder::with_link(max_frame, false)
+    }
+
+    /// A decoder for a worker-to-worker link: accepts client and internal frames.
+    pub fn new_internal(max_frame: u32) -> Self {
+        Decoder::with_link(max_frame, true)
+    }
+
+    pub fn with_link(max_frame: u32, internal: bool) -> Self {
         Decoder {
             buf: Vec::new(),
             max_frame,
             poisoned: false,
+            internal,
         }
     }
 
     pub fn max_frame(&self) -> u32 {
         self.max_frame
+    }
+
+    /// True for a worker-link decoder (internal frame types accepted).
+    pub fn internal(&self) -> bool {
+        self.internal
     }
 
     /// Bytes of an incomplete frame held back; non-zero at EOF means truncation.
@@ -506,6 +710,12 @@ impl Decoder {
 
     pub fn poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Removes and returns the bytes of an incomplete frame, leaving the
+    /// decoder empty: they travel with a connection handed to another worker.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 
     fn header(&self, bytes: &[u8]) -> Header {
@@ -574,9 +784,10 @@ impl Decoder {
                     if self.buf.len() < total {
                         return;
                     }
-                    sink(parse_frame(
+                    sink(parse_frame_on(
                         self.buf[HEADER_LEN],
                         &self.buf[HEADER_LEN + 1..],
+                        self.internal,
                     ));
                     self.buf.clear();
                 }
@@ -604,9 +815,10 @@ impl Decoder {
                         self.buf.reserve_exact(total);
                         break;
                     }
-                    sink(parse_frame(
+                    sink(parse_frame_on(
                         input[HEADER_LEN],
                         &input[HEADER_LEN + 1..total],
+                        self.internal,
                     ));
                     input = &input[total..];
                 }
@@ -715,6 +927,33 @@ pub fn encoded_len(frame: &FrameRef<'_>, max_frame: u32) -> Result<usize, Encode
             2 + check_str(f, "msg_id", msg_id, STR8_MAX)?
                 + check_str(f, "reason", reason, STR16_MAX)?
         }
+        FrameRef::RouteSend {
+            sender,
+            msg_id,
+            to,
+            body,
+            ..
+        } => {
+            9 + check_str(f, "sender", sender, STR8_MAX)?
+                + check_str(f, "msg_id", msg_id, STR8_MAX)?
+                + check_str(f, "to", to, STR8_MAX)?
+                + body.len()
+        }
+        FrameRef::RouteAck { user, msg_id, .. } => {
+            check_str(f, "user", user, STR8_MAX)? + check_str(f, "msg_id", msg_id, STR8_MAX)? + 1
+        }
+        FrameRef::RouteError {
+            user,
+            msg_id,
+            reason,
+            ..
+        } => {
+            check_str(f, "user", user, STR8_MAX)?
+                + 2
+                + check_str(f, "msg_id", msg_id, STR8_MAX)?
+                + check_str(f, "reason", reason, STR16_MAX)?
+        }
+        FrameRef::LinkHello { .. } => 2 + 4 + 8,
     };
     let len = 1 + payload;
     if len > max_frame as usize {
@@ -814,6 +1053,46 @@ pub fn write_frame(frame: &FrameRef<'_>, out: &mut [u8]) {
             w.str8(msg_id);
             w.str16(reason);
         }
+        FrameRef::RouteSend {
+            ts_ms,
+            flags,
+            sender,
+            msg_id,
+            to,
+            body,
+        } => {
+            w.bytes(&ts_ms.to_be_bytes());
+            w.u8(flags);
+            w.str8(sender);
+            w.str8(msg_id);
+            w.str8(to);
+            w.bytes(body);
+        }
+        FrameRef::RouteAck {
+            user,
+            msg_id,
+            flags,
+        } => {
+            w.str8(user);
+            w.str8(msg_id);
+            w.u8(flags);
+        }
+        FrameRef::RouteError {
+            user,
+            code,
+            msg_id,
+            reason,
+        } => {
+            w.str8(user);
+            w.bytes(&code.to_be_bytes());
+            w.str8(msg_id);
+            w.str16(reason);
+        }
+        FrameRef::LinkHello { worker, pid, epoch } => {
+            w.bytes(&worker.to_be_bytes());
+            w.bytes(&pid.to_be_bytes());
+            w.bytes(&epoch.to_be_bytes());
+        }
     }
     debug_assert_eq!(w.pos, w.out.len(), "encoded_len disagrees with write_frame");
 }
@@ -827,6 +1106,19 @@ pub fn encode(frame: &FrameRef<'_>, max_frame: u32) -> Result<Vec<u8>, EncodeErr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn take_pending_returns_the_partial_frame_and_empties_the_decoder() {
+        let mut d = Decoder::new(DEFAULT_MAX_FRAME);
+        let frame = encode(&FrameRef::Ping { nonce: 7 }, DEFAULT_MAX_FRAME).unwrap();
+        let mut n = 0;
+        d.feed(&frame[..5], |_| n += 1);
+        assert_eq!(n, 0);
+        assert_eq!(d.take_pending(), frame[..5].to_vec());
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.buffer_capacity(), 0);
+    }
+
     use super::*;
 
     fn samples() -> Vec<Frame> {
@@ -1259,6 +1551,336 @@ mod tests {
             }
         );
         assert_eq!(e.to_string(), "SEND frame length 105 exceeds max_frame 104");
+    }
+
+    // -----------------------------------------------------------------------
+    // Internal (worker-link) frames
+    // -----------------------------------------------------------------------
+
+    fn internal_samples() -> Vec<Frame> {
+        vec![
+            Frame::RouteSend {
+                ts_ms: 1_700_000_000_000,
+                flags: ROUTE_FLAG_REPLAY,
+                sender: "alice".into(),
+                msg_id: "m1".into(),
+                to: "bob".into(),
+                body: vec![0, 1, 2, 255],
+            },
+            Frame::RouteSend {
+                ts_ms: 0,
+                flags: 0,
+                sender: "".into(),
+                msg_id: "".into(),
+                to: "".into(),
+                body: vec![],
+            },
+            Frame::RouteAck {
+                user: "alice".into(),
+                msg_id: "m1".into(),
+                flags: ACK_STORED | ACK_DUPLICATE,
+            },
+            Frame::RouteError {
+                user: "alice".into(),
+                code: 9,
+                msg_id: "m1".into(),
+                reason: "mailbox full ✓".into(),
+            },
+            Frame::LinkHello {
+                worker: 0xfffe,
+                pid: 0x0102_0304,
+                epoch: u64::MAX,
+            },
+        ]
+    }
+
+    fn decode_internal(input: &[u8]) -> Vec<Result<Frame, DecodeError>> {
+        Decoder::new_internal(DEFAULT_MAX_FRAME).feed_owned(input)
+    }
+
+    fn single_internal_error(input: &[u8]) -> DecodeError {
+        let out = decode_internal(input);
+        assert_eq!(out.len(), 1, "{out:?}");
+        out.into_iter().next().unwrap().unwrap_err()
+    }
+
+    #[test]
+    fn decoder_link_kind_and_size() {
+        assert!(!Decoder::default().internal());
+        assert!(!Decoder::new(10).internal());
+        assert!(Decoder::new_internal(10).internal());
+        assert!(Decoder::with_link(10, true).internal());
+        // The link flag fits in the padding: a decoder stays 32 bytes.
+        assert!(std::mem::size_of::<Decoder>() <= 32);
+    }
+
+    #[test]
+    fn internal_wire_layout_matches_spec() {
+        let f = Frame::RouteAck {
+            user: "u".into(),
+            msg_id: "ab".into(),
+            flags: 3,
+        };
+        assert_eq!(
+            enc(&f),
+            vec![0, 0, 0, 7, ROUTE_ACK, 1, b'u', 2, b'a', b'b', 3]
+        );
+        let f = Frame::LinkHello {
+            worker: 0x0102,
+            pid: 0x0304_0506,
+            epoch: 7,
+        };
+        assert_eq!(
+            enc(&f),
+            vec![0, 0, 0, 15, LINK_HELLO, 1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
+        let f = Frame::RouteSend {
+            ts_ms: 1,
+            flags: ROUTE_FLAG_REPLAY,
+            sender: "s".into(),
+            msg_id: "m".into(),
+            to: "t".into(),
+            body: b"xy".to_vec(),
+        };
+        let mut want = vec![0, 0, 0, 18, ROUTE_SEND, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+        want.extend([1, b's', 1, b'm', 1, b't', b'x', b'y']);
+        assert_eq!(enc(&f), want);
+        let f = Frame::RouteError {
+            user: "u".into(),
+            code: 0x0102,
+            msg_id: "m".into(),
+            reason: "r".into(),
+        };
+        assert_eq!(
+            enc(&f),
+            vec![0, 0, 0, 10, ROUTE_ERROR, 1, b'u', 1, 2, 1, b'm', 0, 1, b'r']
+        );
+    }
+
+    #[test]
+    fn internal_types_roundtrip_on_internal_decoder() {
+        for f in internal_samples() {
+            assert_eq!(decode_internal(&enc(&f)), vec![Ok(f.clone())]);
+        }
+        // An internal link still speaks every client frame type.
+        for f in samples() {
+            assert_eq!(decode_internal(&enc(&f)), vec![Ok(f.clone())]);
+        }
+    }
+
+    #[test]
+    fn internal_batch_split_everywhere_matches_whole() {
+        let mut all = Vec::new();
+        for f in internal_samples().into_iter().chain(samples()) {
+            all.extend(enc(&f));
+        }
+        let whole = decode_internal(&all);
+        assert!(whole.iter().all(Result::is_ok));
+        for i in 0..=all.len() {
+            let mut d = Decoder::new_internal(DEFAULT_MAX_FRAME);
+            let mut out = d.feed_owned(&all[..i]);
+            out.extend(d.feed_owned(&all[i..]));
+            assert_eq!(out, whole, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn client_decoder_rejects_internal_types_as_unknown() {
+        for f in internal_samples() {
+            let bytes = enc(&f);
+            let t = bytes[4];
+            assert!(is_internal_type(t));
+            // Exactly the error any unknown type gets, for whole and split input.
+            let want = DecodeError::new(E_UNKNOWN_TYPE, format!("unknown frame type 0x{t:02x}"));
+            let mut input = bytes.clone();
+            input.extend(enc(&Frame::Pong { nonce: 5 }));
+            let out = decode_all(&input);
+            assert_eq!(out, vec![Err(want.clone()), Ok(Frame::Pong { nonce: 5 })]);
+            let mut d = Decoder::default();
+            let mut out = d.feed_owned(&input[..3]);
+            out.extend(d.feed_owned(&input[3..]));
+            assert_eq!(out, vec![Err(want.clone()), Ok(Frame::Pong { nonce: 5 })]);
+            // Even malformed payloads report UNKNOWN_TYPE, never a field error.
+            assert_eq!(single_error(&raw(t, &[])), want);
+            assert_eq!(single_error(&raw(t, &[0xff; 3])), want);
+            assert_eq!(parse_frame(t, &bytes[5..]), Err(want.clone()));
+            assert_eq!(parse_frame_on(t, &bytes[5..], false), Err(want));
+            assert!(parse_frame_on(t, &bytes[5..], true).is_ok());
+        }
+        for t in [0x40u8, 0x45] {
+            assert!(!is_internal_type(t));
+            assert_eq!(single_internal_error(&raw(t, b"x")).code, E_UNKNOWN_TYPE);
+        }
+    }
+
+    #[test]
+    fn internal_truncations_are_bad_frame() {
+        for f in internal_samples() {
+            let bytes = enc(&f);
+            let (t, payload) = (bytes[4], &bytes[5..]);
+            let fixed = match &f {
+                Frame::RouteSend { body, .. } => payload.len() - body.len(),
+                _ => payload.len(),
+            };
+            for cut in 0..fixed {
+                let e = single_internal_error(&raw(t, &payload[..cut]));
+                assert_eq!(e.code, E_BAD_FRAME, "{f:?} cut at {cut}: {e:?}");
+                assert!(e.reason.contains("truncated"), "{}", e.reason);
+                assert!(e.reason.starts_with(type_name(t)), "{}", e.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn internal_trailing_bytes_are_bad_frame() {
+        for f in internal_samples() {
+            if matches!(f, Frame::RouteSend { .. }) {
+                continue;
+            }
+            let bytes = enc(&f);
+            let mut payload = bytes[5..].to_vec();
+            payload.push(0);
+            let e = single_internal_error(&raw(bytes[4], &payload));
+            assert_eq!(e.code, E_BAD_FRAME, "{f:?}");
+            assert!(e.reason.contains("trailing"), "{}", e.reason);
+        }
+        assert_eq!(
+            single_internal_error(&raw(LINK_HELLO, &[0; 13])).code,
+            E_BAD_FRAME
+        );
+        assert_eq!(
+            single_internal_error(&raw(LINK_HELLO, &[0; 15])).code,
+            E_BAD_FRAME
+        );
+    }
+
+    #[test]
+    fn internal_bad_utf8_in_every_string_field() {
+        let bad = "\u{7f}\u{7f}";
+        let send = |sender: &str, msg_id: &str, to: &str| Frame::RouteSend {
+            ts_ms: 1,
+            flags: 0,
+            sender: sender.into(),
+            msg_id: msg_id.into(),
+            to: to.into(),
+            body: vec![],
+        };
+        let cases: Vec<(Frame, &str)> = vec![
+            (send(bad, "m", "t"), "sender"),
+            (send("s", bad, "t"), "msg_id"),
+            (send("s", "m", bad), "to"),
+            (
+                Frame::RouteAck {
+                    user: bad.into(),
+                    msg_id: "m".into(),
+                    flags: 0,
+                },
+                "user",
+            ),
+            (
+                Frame::RouteAck {
+                    user: "u".into(),
+                    msg_id: bad.into(),
+                    flags: 0,
+                },
+                "msg_id",
+            ),
+            (
+                Frame::RouteError {
+                    user: bad.into(),
+                    code: 1,
+                    msg_id: "m".into(),
+                    reason: "r".into(),
+                },
+                "user",
+            ),
+            (
+                Frame::RouteError {
+                    user: "u".into(),
+                    code: 1,
+                    msg_id: bad.into(),
+                    reason: "r".into(),
+                },
+                "msg_id",
+            ),
+            (
+                Frame::RouteError {
+                    user: "u".into(),
+                    code: 1,
+                    msg_id: "m".into(),
+                    reason: bad.into(),
+                },
+                "reason",
+            ),
+        ];
+        for (f, field) in cases {
+            let mut bytes = enc(&f);
+            let pos = bytes.windows(2).position(|w| w == [0x7f, 0x7f]).unwrap();
+            bytes[pos] = 0xff;
+            bytes[pos + 1] = 0xfe;
+            let e = single_internal_error(&bytes);
+            assert_eq!(e.code, E_BAD_UTF8, "{f:?}");
+            assert!(e.reason.contains(field), "{}", e.reason);
+            // A client decoder never looks at the payload.
+            assert_eq!(single_error(&bytes).code, E_UNKNOWN_TYPE);
+        }
+    }
+
+    #[test]
+    fn internal_encoder_checks_limits() {
+        let long = "x".repeat(256);
+        let f = Frame::RouteSend {
+            ts_ms: 0,
+            flags: 0,
+            sender: "s".into(),
+            msg_id: "m".into(),
+            to: long.clone(),
+            body: vec![],
+        };
+        assert!(matches!(
+            encode(&f.as_ref(), u32::MAX),
+            Err(EncodeError::StringTooLong {
+                frame: "ROUTE_SEND",
+                field: "to",
+                ..
+            })
+        ));
+        let f = Frame::RouteAck {
+            user: long,
+            msg_id: "m".into(),
+            flags: 0,
+        };
+        assert!(matches!(
+            encode(&f.as_ref(), u32::MAX),
+            Err(EncodeError::StringTooLong {
+                frame: "ROUTE_ACK",
+                field: "user",
+                ..
+            })
+        ));
+        let f = Frame::RouteError {
+            user: "u".into(),
+            code: 1,
+            msg_id: "".into(),
+            reason: "r".repeat(65536),
+        };
+        assert!(matches!(
+            encode(&f.as_ref(), u32::MAX),
+            Err(EncodeError::StringTooLong {
+                field: "reason",
+                ..
+            })
+        ));
+        let f = Frame::LinkHello {
+            worker: 1,
+            pid: 2,
+            epoch: 3,
+        };
+        assert_eq!(encode(&f.as_ref(), 15).unwrap().len(), 19);
+        assert_eq!(
+            encode(&f.as_ref(), 14).unwrap_err().to_string(),
+            "LINK_HELLO frame length 15 exceeds max_frame 14"
+        );
     }
 
     #[test]

@@ -64,6 +64,37 @@ fn frame_to_py<'py>(py: Python<'py>, f: &FrameRef<'_>) -> PyResult<Bound<'py, Py
             msg_id,
             reason,
         } => (ERROR, code, msg_id, reason).into_pyobject(py),
+        FrameRef::RouteSend {
+            ts_ms,
+            flags,
+            sender,
+            msg_id,
+            to,
+            body,
+        } => (
+            ROUTE_SEND,
+            ts_ms,
+            flags,
+            sender,
+            msg_id,
+            to,
+            PyBytes::new(py, body),
+        )
+            .into_pyobject(py),
+        FrameRef::RouteAck {
+            user,
+            msg_id,
+            flags,
+        } => (ROUTE_ACK, user, msg_id, flags).into_pyobject(py),
+        FrameRef::RouteError {
+            user,
+            code,
+            msg_id,
+            reason,
+        } => (ROUTE_ERROR, user, code, msg_id, reason).into_pyobject(py),
+        FrameRef::LinkHello { worker, pid, epoch } => {
+            (LINK_HELLO, worker, pid, epoch).into_pyobject(py)
+        }
     }
 }
 
@@ -144,7 +175,7 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
     let head = t.get_borrowed_item(0)?;
     let ftype: u8 = head.extract().map_err(|_| {
         value_error(format!(
-            "frame type must be an int in 1..=9, got {}",
+            "frame type must be an int (1..=9 or 0x41..=0x44), got {}",
             describe(&head)
         ))
     })?;
@@ -158,6 +189,10 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
         PING => ("PING", 2),
         PONG => ("PONG", 2),
         ERROR => ("ERROR", 4),
+        ROUTE_SEND => ("ROUTE_SEND", 7),
+        ROUTE_ACK => ("ROUTE_ACK", 4),
+        ROUTE_ERROR => ("ROUTE_ERROR", 5),
+        LINK_HELLO => ("LINK_HELLO", 4),
         other => return Err(value_error(format!("unknown frame type {other}"))),
     };
     if n != arity {
@@ -207,10 +242,34 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
         PONG => FrameRef::Pong {
             nonce: f.int(1, "nonce", U64)?,
         },
-        _ => FrameRef::Error {
+        ERROR => FrameRef::Error {
             code: f.int(1, "code", U16)?,
             msg_id: f.str(2, "msg_id")?,
             reason: f.str(3, "reason")?,
+        },
+        ROUTE_SEND => FrameRef::RouteSend {
+            ts_ms: f.int(1, "ts_ms", U64)?,
+            flags: f.int(2, "flags", U8)?,
+            sender: f.str(3, "sender")?,
+            msg_id: f.str(4, "msg_id")?,
+            to: f.str(5, "to")?,
+            body: f.bytes(6, "body")?,
+        },
+        ROUTE_ACK => FrameRef::RouteAck {
+            user: f.str(1, "user")?,
+            msg_id: f.str(2, "msg_id")?,
+            flags: f.int(3, "flags", U8)?,
+        },
+        ROUTE_ERROR => FrameRef::RouteError {
+            user: f.str(1, "user")?,
+            code: f.int(2, "code", U16)?,
+            msg_id: f.str(3, "msg_id")?,
+            reason: f.str(4, "reason")?,
+        },
+        _ => FrameRef::LinkHello {
+            worker: f.int(1, "worker", U16)?,
+            pid: f.int(2, "pid", U32)?,
+            epoch: f.int(3, "epoch", U64)?,
         },
     })
 }
@@ -221,6 +280,10 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
 
 /// Incremental frame decoder for one connection.
 ///
+/// With `internal=False` (client connections) the worker-link frame types
+/// (ROUTE_SEND, ROUTE_ACK, ROUTE_ERROR, LINK_HELLO) are reported as
+/// `(DECODE_ERROR, E_UNKNOWN_TYPE, reason)` like any unknown type; with
+/// `internal=True` (worker links) they decode too.
 /// `feed(data)` returns every frame completed by `data` as tuples
 /// (see the module docs); only a trailing partial frame is kept.
 /// A `(DECODE_ERROR, E_FRAME_TOO_LARGE, reason)` item is fatal: the decoder is
@@ -233,13 +296,13 @@ pub struct PyDecoder {
 #[pymethods]
 impl PyDecoder {
     #[new]
-    #[pyo3(signature = (max_frame = DEFAULT_MAX_FRAME))]
-    fn new(max_frame: u32) -> PyResult<Self> {
+    #[pyo3(signature = (max_frame = DEFAULT_MAX_FRAME, internal = false))]
+    fn new(max_frame: u32, internal: bool) -> PyResult<Self> {
         if max_frame == 0 {
             return Err(value_error("max_frame must be at least 1"));
         }
         Ok(PyDecoder {
-            inner: frame::Decoder::new(max_frame),
+            inner: frame::Decoder::with_link(max_frame, internal),
         })
     }
 
@@ -272,6 +335,12 @@ impl PyDecoder {
         self.inner.pending()
     }
 
+    /// Remove and return the bytes of an incomplete frame (the decoder is
+    /// left empty); used when a connection moves to another worker.
+    fn take_pending<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.take_pending())
+    }
+
     /// Free the internal buffer's memory (pending bytes are kept); call on
     /// idle connections.
     fn release(&mut self) {
@@ -294,16 +363,20 @@ impl PyDecoder {
         self.inner.max_frame()
     }
 
+    /// True for a worker-link decoder (internal frame types accepted).
+    #[getter]
+    fn internal(&self) -> bool {
+        self.inner.internal()
+    }
+
     fn __repr__(&self) -> String {
+        let py_bool = |b: bool| if b { "True" } else { "False" };
         format!(
-            "Decoder(max_frame={}, pending={}, poisoned={})",
+            "Decoder(max_frame={}, internal={}, pending={}, poisoned={})",
             self.inner.max_frame(),
+            py_bool(self.inner.internal()),
             self.inner.pending(),
-            if self.inner.poisoned() {
-                "True"
-            } else {
-                "False"
-            }
+            py_bool(self.inner.poisoned()),
         )
     }
 }
@@ -483,12 +556,17 @@ impl PyDedupWindow {
 /// (SEND, msg_id, to, body), (ACK, msg_id, flags),
 /// (DELIVER, tag, ts_ms, sender, msg_id, body), (DELIVER_ACK, tag),
 /// (PING, nonce), (PONG, nonce), (ERROR, code, msg_id, reason);
+/// worker links only (`Decoder(internal=True)`):
+/// (ROUTE_SEND, ts_ms, flags, sender, msg_id, to, body),
+/// (ROUTE_ACK, user, msg_id, flags), (ROUTE_ERROR, user, code, msg_id, reason),
+/// (LINK_HELLO, worker, pid, epoch);
 /// decode errors are (DECODE_ERROR, code, reason).
 #[pymodule]
 fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     use frame::{
         ACK, ACK_DEGRADED, ACK_DUPLICATE, ACK_STORED, DELIVER, DELIVER_ACK, ERROR, E_BAD_FRAME,
-        E_BAD_UTF8, E_FRAME_TOO_LARGE, E_UNKNOWN_TYPE, LOGIN, LOGIN_OK, PING, PONG, SEND,
+        E_BAD_UTF8, E_FRAME_TOO_LARGE, E_UNKNOWN_TYPE, LINK_HELLO, LOGIN, LOGIN_OK, PING, PONG,
+        ROUTE_ACK, ROUTE_ERROR, ROUTE_FLAG_REPLAY, ROUTE_SEND, SEND,
     };
     for (name, v) in [
         ("DECODE_ERROR", DECODE_ERROR),
@@ -501,6 +579,11 @@ fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("PING", PING),
         ("PONG", PONG),
         ("ERROR", ERROR),
+        ("ROUTE_SEND", ROUTE_SEND),
+        ("ROUTE_ACK", ROUTE_ACK),
+        ("ROUTE_ERROR", ROUTE_ERROR),
+        ("LINK_HELLO", LINK_HELLO),
+        ("ROUTE_FLAG_REPLAY", ROUTE_FLAG_REPLAY),
         ("ACK_STORED", ACK_STORED),
         ("ACK_DUPLICATE", ACK_DUPLICATE),
         ("ACK_DEGRADED", ACK_DEGRADED),

@@ -1,0 +1,315 @@
+"""Worker-to-worker plumbing on one node: frame links and connection hand-off.
+
+Every user has a *home worker* (``home_of``). Its home holds the user's sessions, its mailbox
+state and the dedup authority for messages sent to it. Two mechanisms make that true:
+
+* **Hand-off.** The kernel spreads new connections over the workers (``SO_REUSEPORT``). When a
+  user logs in on a worker that is not its home, that worker checks the credentials, then passes
+  the socket's file descriptor to the home worker over a Unix datagram socket (``SCM_RIGHTS``),
+  together with any bytes that arrived after ``LOGIN``. The home adopts the socket; the client
+  never notices.
+* **Links.** A SEND is handled by the sender's home (where its connection lives) and forwarded
+  to the recipient's home as ``ROUTE_SEND`` over a Unix stream link; the answer comes back as
+  ``ROUTE_ACK`` / ``ROUTE_ERROR``. One link per ordered pair of workers; frames are batched per
+  loop tick exactly like client writes.
+
+All sockets are Linux abstract Unix sockets named after the node's data directory, so there are
+no files to clean up and no path-length limit.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import socket
+import struct
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import iris_native as N
+
+if TYPE_CHECKING:
+    from iris_fast.server.worker import Worker
+
+log = logging.getLogger(__name__)
+
+LINK_MAX_FRAME = 1 << 24
+RECONNECT_DELAY_S = 0.05
+_HANDOFF_HEAD = struct.Struct(">2sB")
+_HANDOFF_MAGIC = b"H1"
+
+
+def home_of(user: str, workers: int) -> int:
+    """The worker that owns ``user``: stable across processes and restarts (CRC-32, not hash())."""
+    return zlib.crc32(user.encode()) % workers if workers > 1 else 0
+
+
+def socket_name(data_dir: str, kind: str, index: int) -> str:
+    """Abstract Unix socket name of one worker's ``kind`` endpoint for the node in ``data_dir``."""
+    node = hashlib.blake2s(os.path.abspath(data_dir).encode(), digest_size=8).hexdigest()
+    return f"\0iris-fast-{node}-{kind}-{index}"
+
+
+def connect_unix(name: str) -> socket.socket:
+    """A connected, non-blocking Unix stream socket to ``name`` (abstract names allowed).
+
+    uvloop's ``create_unix_connection(path=...)`` does not accept Linux abstract names (the
+    leading NUL ends its C string), so we connect here and hand it the socket. A local Unix
+    connect completes at once or fails at once.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(name)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+# ---- links ----------------------------------------------------------------------------
+
+
+class LinkIn(asyncio.Protocol):
+    """The receiving end of a link from another worker: frames in, handed to the worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.decoder = N.Decoder(LINK_MAX_FRAME, internal=True)
+        self.peer = -1
+
+    def data_received(self, data: bytes) -> None:
+        w = self.worker
+        for f in self.decoder.feed(data):
+            t = f[0]
+            if t == N.ROUTE_SEND:
+                w.on_route_send(f[1], f[2], f[3], f[4], f[5], f[6])
+            elif t == N.ROUTE_ACK:
+                w.on_route_ack(self.peer, f[1], f[2], f[3])
+            elif t == N.ROUTE_ERROR:
+                w.on_route_error(self.peer, f[1], f[2], f[3], f[4])
+            elif t == N.LINK_HELLO:
+                self.peer = f[1]
+            else:
+                log.error("unexpected frame on worker link from %d: %r", self.peer, f[:2])
+
+
+class LinkOut(asyncio.Protocol):
+    """The sending end of a link to worker ``peer``: frames queued, one write per tick."""
+
+    def __init__(self, owner: Links, peer: int) -> None:
+        self.owner = owner
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self._out: list[tuple] | None = None
+        self._scheduled = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._out = None
+        self.owner.link_lost(self.peer)
+
+    def send(self, frame: tuple) -> None:
+        if self.transport is None:
+            return
+        if self._out is None:
+            self._out = [frame]
+        else:
+            self._out.append(frame)
+        if not self._scheduled:
+            self._scheduled = True
+            self.owner.worker.schedule_flush(self)  # type: ignore[arg-type]
+
+    def flush(self) -> None:
+        self._scheduled = False
+        out, self._out = self._out, None
+        if out and self.transport is not None:
+            self.transport.write(N.encode_batch(out, LINK_MAX_FRAME))
+
+
+class Links:
+    """Outgoing links to every other worker, reconnecting while a peer restarts."""
+
+    def __init__(self, worker: Worker, data_dir: str, index: int, workers: int) -> None:
+        self.worker = worker
+        self.data_dir = data_dir
+        self.index = index
+        self.workers = workers
+        self.out: dict[int, LinkOut] = {}
+        # Answers (ACK/ERROR) for a peer whose link is not up yet; sent once it is.
+        self._backlog: dict[int, list[tuple]] = {}
+        self._connecting: set[int] = set()
+        self._closed = False
+        self._server: asyncio.AbstractServer | None = None
+        self.epoch = int.from_bytes(os.urandom(8), "big")
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        name = socket_name(self.data_dir, "link", self.index)
+        self._server = await loop.create_unix_server(lambda: LinkIn(self.worker), name)
+        for peer in range(self.workers):
+            if peer != self.index:
+                self._connect_soon(peer, 0.0)
+
+    def up(self, peer: int) -> bool:
+        return peer in self.out
+
+    def send(self, peer: int, frame: tuple) -> bool:
+        """Queue ``frame`` for ``peer``; False while the link is down (the caller keeps it)."""
+        link = self.out.get(peer)
+        if link is None:
+            return False
+        link.send(frame)
+        return True
+
+    def send_or_hold(self, peer: int, frame: tuple) -> None:
+        """Send an answer to ``peer``, holding it until the link is up if it is not.
+
+        Answers are not replayed by anyone, so they must not be dropped while a link is still
+        connecting (at start, or while ``peer`` restarts: then the held answers go to the new
+        process, which ignores the ones it knows nothing of).
+        """
+        link = self.out.get(peer)
+        if link is None:
+            self._backlog.setdefault(peer, []).append(frame)
+        else:
+            link.send(frame)
+
+    def link_lost(self, peer: int) -> None:
+        self.out.pop(peer, None)
+        if not self._closed:
+            log.warning("link to worker %d lost; reconnecting", peer)
+            self._connect_soon(peer, RECONNECT_DELAY_S)
+
+    def _connect_soon(self, peer: int, delay: float) -> None:
+        if peer in self._connecting:
+            return
+        self._connecting.add(peer)
+        asyncio.get_running_loop().create_task(self._connect(peer, delay))
+
+    async def _connect(self, peer: int, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        name = socket_name(self.data_dir, "link", peer)
+        try:
+            while not self._closed:
+                await asyncio.sleep(delay)
+                delay = RECONNECT_DELAY_S
+                try:
+                    _, link = await loop.create_unix_connection(
+                        lambda: LinkOut(self, peer), sock=connect_unix(name)
+                    )
+                except OSError:
+                    continue
+                link.send((N.LINK_HELLO, self.index, os.getpid(), self.epoch))
+                for frame in self._backlog.pop(peer, ()):
+                    link.send(frame)
+                self.out[peer] = link
+                log.info("link to worker %d up", peer)
+                self.worker.on_link_up(peer)
+                return
+        finally:
+            self._connecting.discard(peer)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.out.values()):
+            if link.transport is not None:
+                link.flush()
+                link.transport.close()
+
+
+# ---- hand-off -------------------------------------------------------------------------
+
+
+class HandoffError(Exception):
+    """The home worker could not be given the connection (restarting, queue full)."""
+
+
+class Handoff:
+    """Receives adopted client sockets; sends ours to their home worker."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        index: int,
+        adopt: Callable[[socket.socket, str, bytes], Any],
+    ) -> None:
+        self.data_dir = data_dir
+        self.index = index
+        self.adopt = adopt
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        # Room for a LOGIN's trailing bytes (at most one read's worth) in one datagram.
+        for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if opt is None:
+                continue
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                break
+            except OSError:
+                continue
+        self.sock.bind(socket_name(data_dir, "handoff", index))
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def send(self, peer: int, fd: int, user: str, preamble: bytes) -> None:
+        """Give the socket ``fd`` of logged-in ``user`` to worker ``peer``."""
+        u = user.encode()
+        payload = _HANDOFF_HEAD.pack(_HANDOFF_MAGIC, len(u)) + u + preamble
+        try:
+            # sendmsg, not socket.send_fds: Python 3.11's send_fds drops the address argument.
+            self.sock.sendmsg(
+                [payload],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                0,
+                socket_name(self.data_dir, "handoff", peer),
+            )
+        except OSError as exc:
+            raise HandoffError(f"worker {peer} unavailable: {os.strerror(exc.errno or 0)}") from exc
+
+    def _readable(self) -> None:
+        for _ in range(64):
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 8 << 20, 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                log.error("hand-off receive failed: %s", exc)
+                return
+            if not fds:
+                continue
+            try:
+                magic, ulen = _HANDOFF_HEAD.unpack_from(data, 0)
+                if magic != _HANDOFF_MAGIC:
+                    raise ValueError("bad magic")
+                user = data[3 : 3 + ulen].decode()
+                preamble = data[3 + ulen :]
+            except (ValueError, struct.error, UnicodeDecodeError):
+                log.error("malformed hand-off datagram dropped")
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sock = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            self.adopt(sock, user, preamble)
+
+    def close(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        except RuntimeError:
+            pass
+        self.sock.close()
