@@ -8,6 +8,7 @@ import sys
 
 from iris_fast import __version__
 from iris_fast.config import ServerConfig
+from iris_fast.loadgen import cli as load_cli
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _token_parser(sub)
+    load_cli.add_parser(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "load":
+        return load_cli.run(args)
 
     if args.command == "token":
         from iris_fast.server.auth import mint_token

@@ -167,6 +167,11 @@ class _WorkerCollector:
                 "Hand-offs that failed (home restarting)",
                 s_.handoff_failures,
             ),
+            (
+                "iris_handoff_retries",
+                "Hand-offs retried (home busy or restarting)",
+                s_.handoff_retries,
+            ),
             ("iris_routed_in", "Messages received from other workers", s_.routed_in),
             ("iris_routed_out", "Messages forwarded to other workers", s_.routed_out),
         ):

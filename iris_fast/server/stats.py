@@ -26,6 +26,7 @@ class WorkerStats:
         "handoffs_in",
         "handoffs_out",
         "handoff_failures",
+        "handoff_retries",
         "routed_in",
         "routed_out",
         "rejected_by_reason",
@@ -46,6 +47,7 @@ class WorkerStats:
         self.handoffs_in = 0
         self.handoffs_out = 0
         self.handoff_failures = 0
+        self.handoff_retries = 0
         self.routed_in = 0
         self.routed_out = 0
         self.rejected_by_reason: dict[str, int] = {}

@@ -48,6 +48,8 @@ Record = tuple[int, str, str, int, bytes, bool]
 # must not outrun the disk without bound.
 STORE_HIGH_WATER = 50_000
 STORE_LOW_WATER = 10_000
+# How long a login waits for its home worker to take the socket (queue full, or restarting).
+HANDOFF_RETRY_S = 3.0
 
 
 class Mailbox:
@@ -198,16 +200,30 @@ class Worker:
 
     def finish_handoff(self, conn: Connection, user: str, rest: list[tuple]) -> None:
         """Called by the connection with the frames that followed LOGIN in the same read."""
-        assert self.handoff is not None
         home = home_of(user, self.workers)
         preamble = b"".join((N.encode_batch(rest, 1 << 30) if rest else b"", conn.take_pending()))
+        self._try_handoff(conn, home, user, preamble, time.monotonic() + HANDOFF_RETRY_S, 0.001)
+
+    def _try_handoff(
+        self, conn: Connection, home: int, user: str, preamble: bytes, deadline: float, delay: float
+    ) -> None:
+        if conn.transport is None:  # the client left while we waited
+            return
+        assert self.handoff is not None
         try:
             self.handoff.send(home, conn.fileno(), user, preamble)
         except HandoffError as exc:
+            # The home's queue is full (a login burst) or it is restarting: both pass quickly.
+            if time.monotonic() < deadline:
+                self.stats.handoff_retries += 1
+                self.loop.call_later(
+                    delay, self._try_handoff, conn, home, user, preamble, deadline,
+                    min(delay * 2, 0.05),
+                )  # fmt: skip
+                return
             self.stats.handoff_failures += 1
             log.warning("hand-off of %r to worker %d failed: %s", user, home, exc)
             conn.handoff_pending = False
-            self.connections.add(conn)
             self.fatal(conn, P.E_SHUTTING_DOWN, "the worker for this user is restarting; retry")
             return
         self.stats.handoffs_out += 1

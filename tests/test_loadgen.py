@@ -1,0 +1,167 @@
+"""``iris-fast load`` (iris_fast.loadgen): unit checks and runs against real server processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iris_fast.loadgen import report
+from iris_fast.loadgen.pacing import TokenBucket
+from iris_fast.loadgen.plan import PlanError, make_plan
+from iris_fast.loadgen.worker import _set_bit, new_histogram
+
+PLAN_DEFAULTS = dict(
+    host="127.0.0.1",
+    port=8085,
+    connections=1000,
+    procs=None,
+    source_ips=None,
+    connect_rate=5000.0,
+    idle=False,
+    rate=1000.0,
+    duration=10.0,
+    body_size=64,
+    grace=5.0,
+    user_prefix=None,
+    token_secret=None,
+    server_http=None,
+)
+
+
+def run_load(cwd: Path, *args: str, timeout: float = 60) -> tuple[int, dict | None, str]:
+    """Run ``python -m iris_fast.loadgen --json``; return (status, JSON or None, output)."""
+    out = cwd / "load.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "iris_fast.loadgen", *args, "--json", str(out)],
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    data = json.loads(out.read_text()) if out.exists() else None
+    return p.returncode, data, p.stderr + p.stdout
+
+
+# -- units -----------------------------------------------------------------------------------
+
+
+def test_token_bucket_paces_and_caps_bursts():
+    # Binary fractions keep the float arithmetic exact.
+    b = TokenBucket(rate=8, burst=4, now=0.0)
+    assert b.take(0.0) == 0
+    assert b.take(0.25) == 2
+    assert b.take(0.3125) == 0  # half a token stays credited
+    assert b.take(0.375) == 1
+    assert b.take(0.5, limit=0) == 0  # a limit leaves the credit for later
+    assert b.take(0.5) == 1
+    assert b.take(100.0) == 4  # a long stall does not turn into an 800-message burst
+    assert b.take(100.0) == 0
+
+
+def test_plan_defaults_split_work():
+    plan = make_plan(**{**PLAN_DEFAULTS, "connections": 100_000})
+    assert plan.procs == 7  # <= 15,000 connections per process
+    assert plan.source_ips == 4  # <= 25,000 connections per source address
+    assert plan.user_prefix.startswith("load-") and len(plan.user_prefix) == 11
+    assert list(plan.local_users(2))[:3] == [2, 9, 16]
+    assert plan.source_ip(0) == "127.0.0.1" and plan.source_ip(5) == "127.0.0.2"
+    one = make_plan(**{**PLAN_DEFAULTS, "source_ips": 1})
+    assert one.source_ip(7) is None  # one address: let the kernel pick, no bind
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"host": "8.8.8.8"}, {"server_http": "10.0.0.1:9085"}, {"connections": 1}, {"body_size": 4}],
+)
+def test_plan_rejects_bad_options(override):
+    with pytest.raises(PlanError):
+        make_plan(**{**PLAN_DEFAULTS, **override})
+
+
+def _result(proc: int, acked: list[int], delivered: dict[int, list[int]]) -> dict:
+    def bitmap(seqs: list[int]) -> bytes:
+        b = bytearray()
+        for s in seqs:
+            _set_bit(b, s)
+        return bytes(b)
+
+    h = new_histogram().encode()
+    return {
+        "proc": proc, "conn_ok": 1, "conn_failed": 0, "connect_failures": {}, "disconnects": 0,
+        "sent": len(acked), "acked": len(acked), "ack_stored": 0, "ack_duplicate": 0,
+        "ack_unknown": 0, "send_failed": 0, "connect_retries": 0, "delivered": 0,
+        "duplicated": 0, "foreign": 0, "errors": {}, "acked_bits": bitmap(acked),
+        "delivered_bits": {p: bitmap(s) for p, s in delivered.items()},
+        "ack_hist": h, "deliver_hist": h, "connect_seconds": 0.1, "send_seconds": 1.0,
+    }  # fmt: skip
+
+
+def test_merge_finds_lost_and_cross_process_duplicates():
+    plan = make_plan(**{**PLAN_DEFAULTS, "connections": 4, "procs": 2})
+    results = [
+        # proc 0 sent and got ACKs for 0.0..0.4, proc 1 for 1.0..1.1. Message 0.3 reached both
+        # processes (a duplicate); 0.4 reached nobody (lost).
+        _result(0, [0, 1, 2, 3, 4], {0: [0, 1, 3], 1: [0]}),
+        _result(1, [0, 1], {0: [2, 3], 1: [1]}),
+    ]
+    totals = report.merge(plan, results, {"send_seconds": 1.0})
+    assert totals["lost"] == 1 and totals["lost_examples"] == ["0.4"]
+    assert totals["duplicated"] == 1
+    assert totals["delivered"] == 6  # unique: 0.0-0.3 and 1.0-1.1
+    assert totals["ack_latency_ms"] == {"p50": None, "p99": None, "p99_9": None}
+
+
+# -- against a server ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_message_run_delivers_everything_once(server, tmp_path):
+    rc, data, log = run_load(
+        tmp_path,
+        "--port", str(server.port), "--connections", "50", "--procs", "2",
+        "--rate", "500", "--duration", "2", "--grace", "5",
+        "--server-http", f"127.0.0.1:{server.http_port}",
+    )  # fmt: skip
+    assert rc == 0, log
+    assert data is not None
+    assert data["connections"]["ok"] == 50 and data["connections"]["failed"] == 0
+    assert data["sent"] == 1000  # 500/s for 2 s, paced exactly
+    assert data["acked"] == data["delivered"] == data["sent"]
+    assert data["lost"] == 0 and data["duplicated"] == 0
+    assert data["errors"] == {}
+    for key in ("ack_latency_ms", "delivery_latency_ms"):
+        lat = data[key]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] < 60_000, (key, lat)
+    assert data["achieved_msgs_per_s"] > 0
+    assert data["server_cpu_us_per_msg"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_idle_run_logs_everyone_in_and_reports_memory(server, tmp_path):
+    rc, data, log = run_load(
+        tmp_path,
+        "--port", str(server.port), "--connections", "200", "--idle", "--duration", "1",
+        "--server-http", f"127.0.0.1:{server.http_port}",
+    )  # fmt: skip
+    assert rc == 0, log
+    assert data is not None
+    conns = data["connections"]
+    assert (conns["ok"], conns["failed"], conns["disconnected"]) == (200, 0, 0), conns
+    assert data["server_connections_after"] == 200
+    assert data["sent"] == 0
+    assert data["bytes_per_connection"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_no_server_fails_clearly(tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    rc, data, log = run_load(tmp_path, "--port", str(port), "--connections", "10")
+    assert rc != 0
+    assert f"cannot connect to the iris-fast server at 127.0.0.1:{port}" in log
+    assert data is None
