@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import iris_native as N
 import pytest
 from rawclient import RawClient
@@ -196,17 +198,60 @@ def test_group_commit_batches_an_offline_burst(server):
     assert m["iris_lmdb_batch_size_sum"] >= 2000
 
 
-def test_relogin_replaces_the_old_session_and_keeps_its_deliveries(server):
+def test_second_device_gets_what_the_first_has_in_flight(server):
     first = RawClient(server.addr)
     first.login("phone")
     snd = RawClient(server.addr)
     snd.login("friend")
     snd.send((N.SEND, "r1", "phone", b"one"))
-    assert first.expect(N.DELIVER)[5] == b"one"  # not acknowledged
+    d1 = first.expect(N.DELIVER)
+    assert d1[5] == b"one"  # live, not acknowledged yet
     second = RawClient(server.addr)
     second.login("phone")
-    d = second.expect(N.DELIVER)
-    assert d[4:] == ("r1", b"one")
-    assert first.wait_closed()
-    second.send((N.DELIVER_ACK, d[1]))
-    assert snd.expect(N.ACK)[1] == "r1"
+    # The in-flight live delivery is made durable (ACKed to the sender as stored)...
+    assert snd.expect(N.ACK) == (N.ACK, "r1", N.ACK_STORED)
+    # ...and reaches the second device too.
+    d2 = second.expect(N.DELIVER)
+    assert d2[4:] == ("r1", b"one")
+    first.send((N.DELIVER_ACK, d1[1]))
+    second.send((N.DELIVER_ACK, d2[1]))
+    assert first.next(timeout=0.3) is None
+
+
+def test_a_user_on_two_devices_gets_every_message_on_both(server):
+    phone = RawClient(server.addr)
+    phone.login("two-devices")
+    laptop = RawClient(server.addr)
+    laptop.login("two-devices")
+    snd = RawClient(server.addr)
+    snd.login("chatty")
+    n = 30
+    snd.send(*[(N.SEND, f"d{i}", "two-devices", f"D{i}".encode()) for i in range(n)])
+    assert len(snd.collect(N.ACK, n)) == n
+    for dev in (phone, laptop):
+        frames = dev.collect(N.DELIVER, n)
+        assert [f[5] for f in frames] == [f"D{i}".encode() for i in range(n)]
+        dev.send((N.DELIVER_ACK, frames[-1][1]))
+    time.sleep(0.3)
+    # Both acknowledged: nothing is left for a third login.
+    tablet = RawClient(server.addr)
+    tablet.login("two-devices")
+    assert tablet.next(timeout=0.5) is None
+
+
+def test_a_message_stays_until_every_online_device_acknowledged_it(server):
+    a = RawClient(server.addr)
+    a.login("multi")
+    b = RawClient(server.addr)
+    b.login("multi")
+    snd = RawClient(server.addr)
+    snd.login("s")
+    snd.send((N.SEND, "x1", "multi", b"X"))
+    da = a.expect(N.DELIVER)
+    db = b.expect(N.DELIVER)
+    a.send((N.DELIVER_ACK, da[1]))  # only one device acknowledges
+    time.sleep(0.3)
+    c = RawClient(server.addr)
+    c.login("multi")
+    assert c.expect(N.DELIVER)[4] == "x1"  # still stored: b has not acknowledged
+    b.send((N.DELIVER_ACK, db[1]))

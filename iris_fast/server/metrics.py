@@ -129,8 +129,8 @@ class _WorkerCollector:
         yield GaugeMetricFamily(
             "iris_connections", "Open client connections", value=len(w.connections)
         )
-        yield GaugeMetricFamily("iris_sessions", "Logged-in sessions", value=len(w.sessions))
-        inflight = sum(len(c.inflight) for c in w.sessions.values() if c.inflight)
+        yield GaugeMetricFamily("iris_sessions", "Logged-in sessions", value=w.session_count())
+        inflight = sum(len(c.inflight) for c in w.connections if c.user and c.inflight)
         yield GaugeMetricFamily(
             "iris_inflight_deliveries", "Deliveries awaiting DELIVER_ACK", value=inflight
         )

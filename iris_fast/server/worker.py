@@ -55,16 +55,18 @@ HANDOFF_RETRY_S = 3.0
 class Mailbox:
     """What the worker must know of one user's durable mailbox without reading LMDB."""
 
-    __slots__ = ("count", "last_seq", "uncommitted", "deleting")
+    __slots__ = ("count", "last_seq", "uncommitted", "deleting", "acks")
 
     def __init__(self, count: int, last_seq: int) -> None:
         self.count = count  # stored (committed or queued) and not yet deleted
         self.last_seq = last_seq  # highest seq ever queued for storage
         self.uncommitted: set[int] | None = None  # seqs queued, not yet durable
         self.deleting: set[int] | None = None  # seqs acknowledged, delete not yet durable
+        # With several devices online: seq -> the sessions that acknowledged it so far.
+        self.acks: dict[int, set[Connection]] | None = None
 
     def idle(self) -> bool:
-        return self.count == 0 and not self.uncommitted and not self.deleting
+        return self.count == 0 and not self.uncommitted and not self.deleting and not self.acks
 
 
 class Worker:
@@ -90,7 +92,10 @@ class Worker:
         # Messages forwarded to another worker and not yet answered, per worker, in send order:
         # replayed when that worker comes back after a crash.
         self.routed: dict[int, dict[tuple[str, str], tuple]] = {}
+        # The (first) session of every online user homed here...
         self.sessions: dict[str, Connection] = {}
+        # ...and all sessions of users logged in on more than one device.
+        self.devices: dict[str, list[Connection]] = {}
         self.connections: set[Connection] = set()
         self.unauthenticated: set[Connection] = set()
         self.mailboxes: dict[str, Mailbox] = {}
@@ -151,7 +156,15 @@ class Worker:
             return
         conn.detached = True
         user = conn.user
-        if self.sessions.get(user) is conn:
+        devices = self.devices.get(user)
+        if devices is not None:
+            devices.remove(conn)
+            if self.sessions.get(user) is conn:
+                self.sessions[user] = devices[0]
+            if len(devices) == 1:
+                del self.devices[user]
+            self._forget_device_acks(user, conn, devices)
+        elif self.sessions.get(user) is conn:
             del self.sessions[user]
         inflight = conn.inflight
         conn.inflight = None
@@ -248,17 +261,20 @@ class Worker:
         self.loop.create_task(attach())
 
     def _login_local(self, conn: Connection, user: str) -> None:
-        old = self.sessions.get(user)
-        if old is not None:
-            # One device per user for now: a re-login (typically after a half-dead TCP
-            # connection) replaces the old session. Detach synchronously so its unacked live
-            # deliveries are queued for storage before the new session can receive anything.
-            self._detach(old)
-            old.close()
         self.unauthenticated.discard(conn)
         conn.user = user
         conn.cursor = 0
-        self.sessions[user] = conn
+        first = self.sessions.get(user)
+        if first is None:
+            self.sessions[user] = conn
+        else:
+            # Another device of the same user: from now on every message for the user goes
+            # through the mailbox, and each device reads it with its own cursor.
+            devices = self.devices.get(user)
+            if devices is None:
+                devices = self.devices[user] = [first]
+                self._store_live_inflight(first)
+            devices.append(conn)
         self.stats.logins += 1
         conn.send(
             (
@@ -316,8 +332,7 @@ class Worker:
         if pending is not None:
             pending.pop((user, msg_id), None)
         self.stats.refused += 1
-        conn = self.sessions.get(user)
-        if conn is not None:
+        for conn in self._sessions_of(user):
             conn.send((P.ERROR, code, msg_id, reason))
 
     def on_link_up(self, peer: int) -> None:
@@ -367,6 +382,7 @@ class Worker:
         if (
             rcpt is not None
             and mb.last_seq < rcpt.cursor
+            and to not in self.devices
             and (rcpt.inflight is None or len(rcpt.inflight) < self._max_inflight)
             and rcpt.inflight_bytes < self._max_inflight_bytes
             and not rcpt.write_paused
@@ -397,11 +413,19 @@ class Worker:
             if stored:
                 if mb is None:
                     mb = self._mailbox(user)
-                mb.count -= 1
-                if mb.deleting is None:
-                    mb.deleting = set()
-                mb.deleting.add(seq)
-                self.store.delete(user, seq, self._deleted_cb(user, seq))
+                devices = self.devices.get(user)
+                if devices is not None:
+                    # Deleted only once every device online has it.
+                    if mb.acks is None:
+                        mb.acks = {}
+                    acked = mb.acks.setdefault(seq, set())
+                    acked.add(conn)
+                    if len(acked) < len(devices):
+                        continue
+                    del mb.acks[seq]
+                elif mb.acks:
+                    mb.acks.pop(seq, None)
+                self._delete_stored(user, mb, seq)
             else:
                 self.dedup.mark_done(sender, msg_id)
                 if not now_ms:
@@ -445,6 +469,50 @@ class Worker:
         conn.send((P.ERROR, code, msg_id, reason))
 
     # ---- delivery --------------------------------------------------------------------------------
+
+    def _sessions_of(self, user: str) -> list[Connection]:
+        devices = self.devices.get(user)
+        if devices is not None:
+            return devices
+        conn = self.sessions.get(user)
+        return [conn] if conn is not None else []
+
+    def _delete_stored(self, user: str, mb: Mailbox, seq: int) -> None:
+        mb.count -= 1
+        if mb.deleting is None:
+            mb.deleting = set()
+        mb.deleting.add(seq)
+        self.store.delete(user, seq, self._deleted_cb(user, seq))
+
+    def _forget_device_acks(self, user: str, gone: Connection, left: list[Connection]) -> None:
+        """A device left: messages every remaining device acknowledged can go now."""
+        mb = self.mailboxes.get(user)
+        if mb is None or not mb.acks:
+            return
+        remaining = set(left)
+        for seq, acked in list(mb.acks.items()):
+            acked.discard(gone)
+            if remaining <= acked:
+                del mb.acks[seq]
+                self._delete_stored(user, mb, seq)
+
+    def _store_live_inflight(self, conn: Connection) -> None:
+        """Turn a session's unacknowledged live deliveries into stored ones (same seq)."""
+        inflight = conn.inflight
+        if not inflight or all(rec[5] for _tag, rec in inflight):
+            return
+        user = conn.user
+        mb = self._mailbox(user)
+        converted = deque()
+        for tag, rec in inflight:
+            if not rec[5]:
+                seq, sender, msg_id, ts, body, _ = rec
+                self._store(user, mb, seq, sender, msg_id, ts, body)
+                rec = (seq, sender, msg_id, ts, body, True)
+            converted.append((tag, rec))
+        conn.inflight = converted
+        # Already delivered on this session: its cursor must not fetch them a second time.
+        conn.cursor = max(conn.cursor, max(rec[0] for _t, rec in converted) + 1)
 
     def _mailbox(self, user: str) -> Mailbox:
         mb = self.mailboxes.get(user)
@@ -524,8 +592,7 @@ class Worker:
     def _ack_local(self, sender: str, msg_id: str, flags: int) -> None:
         # ACKs follow the sender's *user*: a client that reconnected gets the ACKs of what it
         # sent before on its new connection (and resends anything still unACKed).
-        conn = self.sessions.get(sender)
-        if conn is not None:
+        for conn in self._sessions_of(sender):
             conn.send((P.ACK, msg_id, flags))
 
     def _refuse_to(
@@ -536,8 +603,7 @@ class Worker:
             return
         home = home_of(sender, self.workers)
         if home == self.index:
-            target = self.sessions.get(sender)
-            if target is not None:
+            for target in self._sessions_of(sender):
                 self.refuse(target, code, msg_id, reason)
         elif self.links is not None:
             self.links.send_or_hold(home, (N.ROUTE_ERROR, sender, code, msg_id, reason))
@@ -552,8 +618,7 @@ class Worker:
         self._pump_pending = False
         users, self._to_pump = self._to_pump, set()
         for user in users:
-            conn = self.sessions.get(user)
-            if conn is not None:
+            for conn in self._sessions_of(user):
                 self._pump(conn)
 
     def _pump(self, conn: Connection) -> None:
@@ -620,8 +685,11 @@ class Worker:
             self._detach(conn)
             conn.close()
 
+    def session_count(self) -> int:
+        return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
+
     def health(self) -> dict[str, Any]:
         return {
             "connections": len(self.connections),
-            "sessions": len(self.sessions),
+            "sessions": self.session_count(),
         }

@@ -96,7 +96,7 @@ async def run_worker(config: ServerConfig) -> int:
             "index": config.worker_index,
             "pid": os.getpid(),
             "connections": len(worker.connections),
-            "sessions": len(worker.sessions),
+            "sessions": worker.session_count(),
             "uptime_s": round(time.time() - started, 3),
             "rss_bytes": rss_bytes(),
             "rss_baseline_bytes": metrics.rss_baseline,
