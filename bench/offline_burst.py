@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,13 +20,8 @@ import time
 
 import iris_native as N
 
+from iris_fast.ports import free_port
 from iris_fast.scrape import fetch_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(http_port: int) -> dict[str, float]:

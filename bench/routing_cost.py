@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,9 @@ import time
 
 import iris_native as N
 
+from iris_fast.ports import free_port
 from iris_fast.scrape import fetch_health, fetch_metrics
 from iris_fast.server.links import home_of
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def user_on(home: int, prefix: str) -> str:

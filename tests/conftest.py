@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from iris_fast.ports import free_port
 from iris_fast.scrape import fetch_health, fetch_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

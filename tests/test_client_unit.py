@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from iris_fast.client import (
     Message,
 )
 from iris_fast.client._core import ClientCore
+from iris_fast.ports import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -146,15 +146,6 @@ class FakeServer:
             answer = self.answer_pings
             if answer(conn) if callable(answer) else answer:
                 conn.write((nat.PONG, frame[1]))
-
-
-def free_port() -> int:
-    """A port nothing listens on (connections to it are refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -158,7 +158,7 @@ def test_idle_run_logs_everyone_in_and_reports_memory(server, tmp_path):
 
 @pytest.mark.timeout(90)
 def test_no_server_fails_clearly(tmp_path):
-    from conftest import free_port
+    from iris_fast.ports import free_port
 
     port = free_port()
     rc, data, log = run_load(tmp_path, "--port", str(port), "--connections", "10")

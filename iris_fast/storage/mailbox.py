@@ -78,10 +78,13 @@ class MailboxStore:
         writer_id: int = 0,
     ) -> None:
         os.makedirs(path, exist_ok=True)
-        # sync=True, metasync=True: a commit returns only after fsync; this is what makes an ACK
-        # for a stored message mean "survives kill -9 and power loss".
+        # sync=False: the writer decides per batch. A batch that stores messages is fsynced
+        # (env.sync) before anyone is told it is durable: that is what makes an ACK mean
+        # "survives kill -9 and power loss". A batch of deletions and dedup entries only is
+        # committed without fsync: the OS writes it back soon, a process crash cannot lose it,
+        # and losing it to a power cut only means a redelivery the client deduplicates.
         self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=4, sync=True, metasync=True, writemap=False
+            path, map_size=map_size, max_dbs=4, sync=False, metasync=False, writemap=False
         )
         self._msgs = self.env.open_db(b"msgs")
         self._dedup = self.env.open_db(b"dedup")
@@ -95,12 +98,13 @@ class MailboxStore:
         self._ops: list[tuple[Any, ...]] = []
         self._callbacks: list[Callable[[], None]] = []
         self._closing = False
-        self._busy = False
+        self._need_sync = False
         self._idle = threading.Event()
         self._idle.set()
         self.seq_hwm = self._load_hwm()
         self.commits = 0
         self.committed_ops = 0
+        self.fsyncs = 0
         self._thread = threading.Thread(target=self._run, name="iris-lmdb-writer", daemon=True)
         self._thread.start()
 
@@ -189,10 +193,10 @@ class MailboxStore:
     ) -> None:
         """Queue a message; ``done`` runs on the loop once it is durable."""
         op = ("put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key)
-        self._enqueue(op, done)
+        self._enqueue(op, done, durable=True)
 
     def delete(self, user: str, seq: int, done: Callable[[], None] | None = None) -> None:
-        """Queue the removal of an acknowledged message."""
+        """Queue the removal of an acknowledged message (committed, fsynced with the next put)."""
         self._enqueue(("del", mailbox_key(user, seq)), done)
 
     def put_dedup(self, dedup_key: bytes, ts_ms: int) -> None:
@@ -205,15 +209,22 @@ class MailboxStore:
 
     def barrier(self, done: Callable[[], None]) -> None:
         """Run ``done`` on the loop after everything queued so far is durable."""
-        self._enqueue(None, done)
+        self._enqueue(None, done, durable=True)
 
     @property
     def queued(self) -> int:
         """Operations waiting for the writer (back-pressure signal)."""
         return len(self._ops)
 
-    def _enqueue(self, op: tuple[Any, ...] | None, done: Callable[[], None] | None) -> None:
+    def _enqueue(
+        self,
+        op: tuple[Any, ...] | None,
+        done: Callable[[], None] | None,
+        durable: bool = False,
+    ) -> None:
         with self._lock:
+            if durable:
+                self._need_sync = True
             if op is not None:
                 self._ops.append(op)
             if done is not None:
@@ -232,16 +243,21 @@ class MailboxStore:
                     return
                 ops, self._ops = self._ops, []
                 callbacks, self._callbacks = self._callbacks, []
+                durable, self._need_sync = self._need_sync, False
             started = time.perf_counter()
             try:
                 self._apply_growing(ops)
+                if durable:
+                    self.env.sync(True)
             except Exception:  # pragma: no cover - disk full: nothing more can be ACKed
                 log.exception("LMDB commit of %d operations failed; stopping the node", len(ops))
                 os._exit(70)
             self.commits += 1
             self.committed_ops += len(ops)
-            if self._on_commit is not None:
-                self._on_commit(len(ops), time.perf_counter() - started)
+            if durable:
+                self.fsyncs += 1
+                if self._on_commit is not None:
+                    self._on_commit(len(ops), time.perf_counter() - started)
             if callbacks:
                 try:
                     self._loop.call_soon_threadsafe(_run_all, callbacks)
