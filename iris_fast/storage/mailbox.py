@@ -35,6 +35,9 @@ _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
 _SEQ_HWM = b"seq_hwm"
 
+# How long a deletion or dedup entry may wait to join a bigger batch.
+LAZY_DELAY_S = 0.05
+
 # One stored message as handed back to the server: (seq, sender, msg_id, ts_ms, body).
 StoredMessage = tuple[int, str, str, int, bytes]
 
@@ -99,6 +102,12 @@ class MailboxStore:
         self._callbacks: list[Callable[[], None]] = []
         self._closing = False
         self._need_sync = False
+        # Loop-thread side of the queue (see _enqueue).
+        self._batch: list[tuple[Any, ...]] = []
+        self._batch_callbacks: list[Callable[[], None]] = []
+        self._batch_durable = False
+        self._kick_soon = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._idle = threading.Event()
         self._idle.set()
         self.seq_hwm = self._load_hwm()
@@ -214,7 +223,7 @@ class MailboxStore:
     @property
     def queued(self) -> int:
         """Operations waiting for the writer (back-pressure signal)."""
-        return len(self._ops)
+        return len(self._ops) + len(self._batch)
 
     def _enqueue(
         self,
@@ -222,13 +231,36 @@ class MailboxStore:
         done: Callable[[], None] | None,
         durable: bool = False,
     ) -> None:
+        # Operations collect on the loop thread without a lock and cross to the writer once per
+        # loop tick (one lock, one wake-up for the whole batch). Work that nobody waits for
+        # (deletions, dedup entries) may wait up to LAZY_DELAY_S to join a bigger batch.
+        if op is not None:
+            self._batch.append(op)
+        if done is not None:
+            self._batch_callbacks.append(done)
+        if durable:
+            self._batch_durable = True
+            if not self._kick_soon:
+                self._kick_soon = True
+                self._loop.call_soon(self._kick)
+        elif self._lazy_timer is None and not self._kick_soon:
+            self._lazy_timer = self._loop.call_later(LAZY_DELAY_S, self._kick)
+
+    def _kick(self) -> None:
+        """Hand the batch collected on the loop thread to the writer."""
+        self._kick_soon = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if not self._batch and not self._batch_callbacks:
+            return
+        ops, self._batch = self._batch, []
+        callbacks, self._batch_callbacks = self._batch_callbacks, []
+        durable, self._batch_durable = self._batch_durable, False
         with self._lock:
-            if durable:
-                self._need_sync = True
-            if op is not None:
-                self._ops.append(op)
-            if done is not None:
-                self._callbacks.append(done)
+            self._need_sync = self._need_sync or durable
+            self._ops.extend(ops)
+            self._callbacks.extend(callbacks)
             self._idle.clear()
             self._lock.notify()
 
@@ -300,11 +332,13 @@ class MailboxStore:
             txn.put(self._hwm_key, _SEQ.pack(self.seq_hwm), db=self._meta)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Block until everything queued so far is durable (used at shutdown)."""
+        """Block until everything queued so far is durable (loop thread; used at shutdown)."""
+        self._kick()
         return self._idle.wait(timeout)
 
     def close(self) -> None:
-        """Flush, stop the writer and close the environment."""
+        """Flush, stop the writer and close the environment (loop thread)."""
+        self._kick()
         with self._lock:
             self._closing = True
             self._lock.notify()
