@@ -21,7 +21,7 @@ import time
 import iris_native as N
 
 from iris_fast.ports import free_port
-from iris_fast.scrape import fetch_metrics
+from iris_fast.scrape import fetch_health, fetch_metrics
 
 
 def metrics(http_port: int) -> dict[str, float]:
@@ -99,12 +99,15 @@ def main() -> int:
             cwd=data,
         )
         try:
-            for _ in range(200):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
                 try:
-                    metrics(http_port)
-                    break
+                    # "ok" only once every worker listens and every link is up.
+                    if fetch_health("127.0.0.1", http_port)["status"] == "ok":
+                        break
                 except OSError:
-                    time.sleep(0.05)
+                    pass
+                time.sleep(0.05)
             before = metrics(http_port)
             elapsed = asyncio.run(burst(port, args.messages, args.window, b"x" * args.body))
             after = metrics(http_port)

@@ -43,6 +43,8 @@ class ServerConfig:
                 f"refusing to serve {self.host} without --auth-secret: anyone could log in as "
                 "anyone; bind a loopback address, give --auth-secret, or pass --insecure"
             )
+        if self.port == self.http_port and self.port != 0:
+            raise ValueError(f"--port and --http-port must differ (both are {self.port})")
         if not 16 <= self.max_frame <= 16 * 1024 * 1024:
             raise ValueError("--max-frame must be between 16 bytes and 16 MiB")
         if not 1 <= self.workers <= 256:

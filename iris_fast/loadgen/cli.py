@@ -33,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--connect-rate", type=float, default=5000.0, help="new connections/s per process"
     )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the connect phase may take before the run goes on without the rest",
+    )
     p.add_argument("--idle", action="store_true", help="log in and hold; send nothing")
     p.add_argument("--rate", type=float, default=1000.0, help="total offered messages/s")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of sending or holding")
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             procs=args.procs,
             source_ips=args.source_ips,
             connect_rate=args.connect_rate,
+            connect_timeout=args.connect_timeout,
             idle=args.idle,
             rate=args.rate,
             duration=args.duration,

@@ -104,6 +104,7 @@ def make_plan(
     source_ips: int | None,
     connect_rate: float,
     idle: bool,
+    connect_timeout: float = CONNECT_PHASE_CAP_S,
     rate: float,
     duration: float,
     body_size: int,
@@ -130,6 +131,8 @@ def make_plan(
         raise PlanError("--source-ips must be between 1 and 254")
     if connect_rate <= 0:
         raise PlanError("--connect-rate must be positive")
+    if connect_timeout <= 0:
+        raise PlanError("--connect-timeout must be positive")
     if not idle and rate <= 0:
         raise PlanError("--rate must be positive")
     if duration < 0 or grace < 0:
@@ -154,6 +157,7 @@ def make_plan(
         procs=procs,
         source_ips=source_ips,
         connect_rate=connect_rate,
+        connect_cap=connect_timeout,
         idle=idle,
         rate=rate,
         duration=duration,

@@ -187,7 +187,8 @@ class Links:
     def link_lost(self, peer: int) -> None:
         self.out.pop(peer, None)
         if not self._closed:
-            log.warning("link to worker %d lost; reconnecting", peer)
+            # A peer that stops (SIGTERM) or dies closes it; the supervisor logs restarts.
+            log.info("link to worker %d lost; reconnecting", peer)
             self._connect_soon(peer, RECONNECT_DELAY_S)
 
     def _connect_soon(self, peer: int, delay: float) -> None:

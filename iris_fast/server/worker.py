@@ -49,7 +49,7 @@ Record = tuple[int, str, str, int, bytes, bool]
 STORE_HIGH_WATER = 50_000
 STORE_LOW_WATER = 10_000
 # How long a login waits for its home worker to take the socket (queue full, or restarting).
-HANDOFF_RETRY_S = 3.0
+HANDOFF_RETRY_S = 10.0
 
 
 class Mailbox:
@@ -237,7 +237,9 @@ class Worker:
             self.stats.handoff_failures += 1
             log.warning("hand-off of %r to worker %d failed: %s", user, home, exc)
             conn.handoff_pending = False
-            self.fatal(conn, P.E_SHUTTING_DOWN, "the worker for this user is restarting; retry")
+            self.fatal(
+                conn, P.E_SHUTTING_DOWN, "the worker for this user is busy or restarting; retry"
+            )
             return
         self.stats.handoffs_out += 1
         conn.abandon()
