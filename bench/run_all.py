@@ -29,7 +29,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from iris_fast.ports import free_port
 from iris_fast.scrape import fetch_health, fetch_metrics
 
 BENCH = Path(__file__).resolve().parent
@@ -88,15 +88,13 @@ def log(msg: str) -> None:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held open together, so they cannot repeat)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct free loopback ports below the ephemeral range (see iris_fast.ports)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def iris_cmd() -> list[str]:
