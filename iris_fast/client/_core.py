@@ -395,5 +395,25 @@ class ClientBase:
     def _init_io(self) -> None:
         """Set up the transport-specific fields (subclasses)."""
 
+    @property
+    def unacked(self) -> dict[str, tuple[str, bytes]]:
+        """Messages sent but not ACKed yet, oldest first: ``msg_id -> (to, body)``."""
+        return self._core.unacked
+
+    @property
+    def last_ack_flags(self) -> int:
+        """ACK flags (ACK_STORED | ACK_DUPLICATE | ACK_DEGRADED) of the most recent ACK."""
+        return self._core.last_ack_flags
+
+    @property
+    def degraded(self) -> bool:
+        """True if the most recent ACK said the message is durable on one node only."""
+        return self._core.degraded
+
+    @property
+    def node(self) -> str:
+        """Node id announced by the server we are logged in to."""
+        return self._core.node
+
     def _on_complete(self, msg_id: str, result: int | IrisError) -> None:
         raise NotImplementedError

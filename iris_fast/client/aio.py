@@ -47,26 +47,6 @@ class AsyncIrisClient(ClientBase):
 
     # -- public API ----------------------------------------------------------------------------
 
-    @property
-    def unacked(self) -> dict[str, tuple[str, bytes]]:
-        """Messages sent but not ACKed yet, oldest first: ``msg_id -> (to, body)``."""
-        return self._core.unacked
-
-    @property
-    def last_ack_flags(self) -> int:
-        """ACK flags of the most recent ACK."""
-        return self._core.last_ack_flags
-
-    @property
-    def degraded(self) -> bool:
-        """True if the most recent ACK had ACK_DEGRADED."""
-        return self._core.degraded
-
-    @property
-    def node(self) -> str:
-        """Node id announced by the server we are logged in to."""
-        return self._core.node
-
     async def login(self, user: str, token: str | None = None) -> None:
         """Connect (failing over across nodes) and log in; raises AuthError / ConnectionError."""
         ClientCore.login_frame(user, "")  # validate before touching the network
