@@ -21,7 +21,7 @@ import time
 import iris_native as N
 
 from iris_fast.ports import free_port
-from iris_fast.scrape import fetch_health, fetch_metrics
+from iris_fast.scrape import fetch_metrics, wait_healthy
 
 
 def metrics(http_port: int) -> dict[str, float]:
@@ -99,15 +99,8 @@ def main() -> int:
             cwd=data,
         )
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    # "ok" only once every worker listens and every link is up.
-                    if fetch_health("127.0.0.1", http_port)["status"] == "ok":
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.05)
+            if not wait_healthy("127.0.0.1", http_port, 30):
+                raise RuntimeError("the server did not become healthy in 30 s")
             before = metrics(http_port)
             elapsed = asyncio.run(burst(port, args.messages, args.window, b"x" * args.body))
             after = metrics(http_port)

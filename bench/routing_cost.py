@@ -22,7 +22,7 @@ import time
 import iris_native as N
 
 from iris_fast.ports import free_port
-from iris_fast.scrape import fetch_health, fetch_metrics
+from iris_fast.scrape import fetch_metrics, wait_healthy
 from iris_fast.server.links import home_of
 
 
@@ -120,14 +120,8 @@ def main() -> int:
                "--max-inflight", str(args.window * 2)]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=data)
         try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    if fetch_health("127.0.0.1", http_port)["status"] == "ok":
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.05)
+            if not wait_healthy("127.0.0.1", http_port, 30):
+                raise RuntimeError("the server did not become healthy in 30 s")
             results = [
                 asyncio.run(one_case(port, http_port, same, args.messages, args.window))
                 for same in (True, False)

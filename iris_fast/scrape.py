@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 
@@ -26,3 +27,16 @@ def parse_metrics(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def wait_healthy(host: str, port: int, timeout: float = 30.0) -> bool:
+    """Poll ``/health`` until the node says ``ok`` (all workers up and linked); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if fetch_health(host, port)["status"] == "ok":
+                return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
