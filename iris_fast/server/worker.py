@@ -1,13 +1,16 @@
 """The message engine of one worker process: sessions, routing, delivery windows, mailboxes.
 
-One ``Worker`` runs on one event loop. Connections (``iris_fast.connection.Connection``) call its
-``on_*`` methods with decoded frames; it answers through ``Connection.send``.
+One ``Worker`` runs on one event loop (one worker process). Connections
+(``iris_fast.connection.Connection``) call its ``on_*`` methods with decoded frames; it answers
+through ``Connection.send``. Every user has a home worker (``links.home_of``) that holds its
+sessions and mailbox state; messages for users homed elsewhere are forwarded over a worker link.
 
 Delivery model (docs/architecture.md has the reasoning):
 
-* Every accepted message gets a node-wide ``seq``. A recipient that is online, has room in its
-  delivery window and has nothing older waiting in storage gets it *live*: nothing is written,
-  and the sender's ACK waits for the recipient's ``DELIVER_ACK``.
+* Every message accepted by the recipient's home gets a ``seq`` from that worker's counter.
+  A recipient that is online, has room in its delivery window and has nothing older waiting in
+  storage gets it *live*: nothing is written, and the sender's ACK waits for the recipient's
+  ``DELIVER_ACK``.
 * Otherwise the message is *stored*: one LMDB put in the next group commit; the sender's ACK
   (flag ``STORED``) follows the fsync. A session pulls stored messages in ``seq`` order as its
   window frees, so live and stored messages of one sender never overtake each other.
