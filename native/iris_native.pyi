@@ -21,6 +21,17 @@ ROUTE_ERROR: Final[int]
 LINK_HELLO: Final[int]
 ROUTE_FLAG_REPLAY: Final[int]
 
+# Replication-link frame types: decoded only by Decoder(repl=True).
+REPL_HELLO: Final[int]
+REPL_APPEND: Final[int]
+REPL_ACK: Final[int]
+REPL_HEARTBEAT: Final[int]
+REPL_VERSION: Final[int]
+# Record kinds inside REPL_APPEND.
+REC_PUT: Final[int]
+REC_DEL: Final[int]
+REC_DEDUP: Final[int]
+
 E_BAD_FRAME: Final[int]
 E_FRAME_TOO_LARGE: Final[int]
 E_UNKNOWN_TYPE: Final[int]
@@ -58,6 +69,23 @@ RouteAckFrame: TypeAlias = tuple[int, str, str, int]
 RouteErrorFrame: TypeAlias = tuple[int, str, int, str, str]
 # (LINK_HELLO, worker, pid, epoch)  -- worker links only
 LinkHelloFrame: TypeAlias = tuple[int, int, int, int]
+# (REC_PUT, user, seq, ts_ms, sender, msg_id, body)
+PutRecord: TypeAlias = tuple[int, str, int, int, str, str, bytes]
+# (REC_DEL, user, seq)
+DelRecord: TypeAlias = tuple[int, str, int]
+# (REC_DEDUP, key (16 bytes), ts_ms)
+DedupRecord: TypeAlias = tuple[int, bytes, int]
+Record: TypeAlias = PutRecord | DelRecord | DedupRecord
+# (stream, lsn)
+StreamLsn: TypeAlias = tuple[int, int]
+# (REPL_HELLO, version, node, epoch, [(stream, applied), ...])  -- replication links only
+ReplHelloFrame: TypeAlias = tuple[int, int, str, int, list[StreamLsn]]
+# (REPL_APPEND, stream, first_lsn, [record, ...])  -- replication links only
+ReplAppendFrame: TypeAlias = tuple[int, int, int, list[Record]]
+# (REPL_ACK, stream, lsn)  -- replication links only
+ReplAckFrame: TypeAlias = tuple[int, int, int]
+# (REPL_HEARTBEAT, ts_ms, [(stream, last_lsn), ...])  -- replication links only
+ReplHeartbeatFrame: TypeAlias = tuple[int, int, list[StreamLsn]]
 # (DECODE_ERROR, code, reason); code E_FRAME_TOO_LARGE is fatal
 DecodeErrorItem: TypeAlias = tuple[int, int, str]
 
@@ -73,6 +101,10 @@ Frame: TypeAlias = (
     | RouteAckFrame
     | RouteErrorFrame
     | LinkHelloFrame
+    | ReplHelloFrame
+    | ReplAppendFrame
+    | ReplAckFrame
+    | ReplHeartbeatFrame
 )
 Decoded: TypeAlias = Frame | DecodeErrorItem
 
@@ -82,10 +114,15 @@ class Decoder:
     ``internal=False`` (client connections): the worker-link types ROUTE_SEND,
     ROUTE_ACK, ROUTE_ERROR and LINK_HELLO are reported as
     ``(DECODE_ERROR, E_UNKNOWN_TYPE, reason)``. ``internal=True`` (worker links):
-    they decode as well.
+    they decode as well. ``repl=True`` (replication links): only REPL_HELLO,
+    REPL_APPEND, REPL_ACK and REPL_HEARTBEAT decode, every other type is
+    UNKNOWN_TYPE (and those four are UNKNOWN_TYPE on the other decoders).
+    ``internal`` and ``repl`` exclude each other (ValueError).
     """
 
-    def __init__(self, max_frame: int = 65536, internal: bool = False) -> None: ...
+    def __init__(
+        self, max_frame: int = 65536, internal: bool = False, repl: bool = False
+    ) -> None: ...
     def feed(self, data: bytes | bytearray | memoryview) -> list[Decoded]:
         """Return every frame (or decode error) completed by ``data``, in order."""
     def pending(self) -> int:
@@ -104,6 +141,9 @@ class Decoder:
     @property
     def internal(self) -> bool:
         """True for a worker-link decoder (internal frame types accepted)."""
+    @property
+    def repl(self) -> bool:
+        """True for a replication-link decoder (REPL_* frame types only)."""
 
 def encode(frame: Frame, max_frame: int = 65536) -> bytes:
     """Encode one frame tuple; ValueError if malformed or too large."""

@@ -235,7 +235,7 @@ def test_encode_batch_equals_concatenation() -> None:
     [
         ("not a tuple", "tuple"),
         ((), "empty"),
-        ((99, 1), "unknown frame type"),
+        ((200, 1), "unknown frame type"),
         ((n.PING,), "2 items"),
         ((n.PING, 1, 2), "2 items"),
         ((n.PING, -1), "nonce"),

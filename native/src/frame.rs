@@ -3,6 +3,11 @@
 
 use std::fmt;
 
+use crate::repl::{self, Record, Records, StreamLsns};
+pub use crate::repl::{
+    is_repl_type, REPL_ACK, REPL_APPEND, REPL_HEARTBEAT, REPL_HELLO, REPL_VERSION,
+};
+
 pub const LOGIN: u8 = 0x01;
 pub const LOGIN_OK: u8 = 0x02;
 pub const SEND: u8 = 0x03;
@@ -111,6 +116,25 @@ pub enum Frame {
         pid: u32,
         epoch: u64,
     },
+    ReplHello {
+        version: u8,
+        node: String,
+        epoch: u64,
+        applied: Vec<(u16, u64)>,
+    },
+    ReplAppend {
+        stream: u16,
+        first_lsn: u64,
+        records: Vec<Record>,
+    },
+    ReplAck {
+        stream: u16,
+        lsn: u64,
+    },
+    ReplHeartbeat {
+        ts_ms: u64,
+        last: Vec<(u16, u64)>,
+    },
 }
 
 /// A frame borrowing its strings and body, either from the decoder's input (so
@@ -182,6 +206,25 @@ pub enum FrameRef<'a> {
         worker: u16,
         pid: u32,
         epoch: u64,
+    },
+    ReplHello {
+        version: u8,
+        node: &'a str,
+        epoch: u64,
+        applied: StreamLsns<'a>,
+    },
+    ReplAppend {
+        stream: u16,
+        first_lsn: u64,
+        records: Records<'a>,
+    },
+    ReplAck {
+        stream: u16,
+        lsn: u64,
+    },
+    ReplHeartbeat {
+        ts_ms: u64,
+        last: StreamLsns<'a>,
     },
 }
 
@@ -278,6 +321,34 @@ impl Frame {
                 pid: *pid,
                 epoch: *epoch,
             },
+            Frame::ReplHello {
+                version,
+                node,
+                epoch,
+                applied,
+            } => FrameRef::ReplHello {
+                version: *version,
+                node,
+                epoch: *epoch,
+                applied: StreamLsns::Slice(applied),
+            },
+            Frame::ReplAppend {
+                stream,
+                first_lsn,
+                records,
+            } => FrameRef::ReplAppend {
+                stream: *stream,
+                first_lsn: *first_lsn,
+                records: Records::Owned(records),
+            },
+            Frame::ReplAck { stream, lsn } => FrameRef::ReplAck {
+                stream: *stream,
+                lsn: *lsn,
+            },
+            Frame::ReplHeartbeat { ts_ms, last } => FrameRef::ReplHeartbeat {
+                ts_ms: *ts_ms,
+                last: StreamLsns::Slice(last),
+            },
         }
     }
 }
@@ -298,6 +369,10 @@ impl FrameRef<'_> {
             FrameRef::RouteAck { .. } => ROUTE_ACK,
             FrameRef::RouteError { .. } => ROUTE_ERROR,
             FrameRef::LinkHello { .. } => LINK_HELLO,
+            FrameRef::ReplHello { .. } => REPL_HELLO,
+            FrameRef::ReplAppend { .. } => REPL_APPEND,
+            FrameRef::ReplAck { .. } => REPL_ACK,
+            FrameRef::ReplHeartbeat { .. } => REPL_HEARTBEAT,
         }
     }
 
@@ -393,8 +468,38 @@ impl FrameRef<'_> {
                 reason: reason.to_owned(),
             },
             FrameRef::LinkHello { worker, pid, epoch } => Frame::LinkHello { worker, pid, epoch },
+            FrameRef::ReplHello {
+                version,
+                node,
+                epoch,
+                applied,
+            } => Frame::ReplHello {
+                version,
+                node: node.to_owned(),
+                epoch,
+                applied: applied.to_vec(),
+            },
+            FrameRef::ReplAppend {
+                stream,
+                first_lsn,
+                records,
+            } => Frame::ReplAppend {
+                stream,
+                first_lsn,
+                records: records.iter().map(|r| r.to_owned()).collect(),
+            },
+            FrameRef::ReplAck { stream, lsn } => Frame::ReplAck { stream, lsn },
+            FrameRef::ReplHeartbeat { ts_ms, last } => Frame::ReplHeartbeat {
+                ts_ms,
+                last: last.to_vec(),
+            },
         }
     }
+}
+
+/// Name of a frame type, for error messages.
+pub(crate) fn frame_name(t: u8) -> &'static str {
+    type_name(t)
 }
 
 fn type_name(t: u8) -> &'static str {
@@ -412,6 +517,10 @@ fn type_name(t: u8) -> &'static str {
         ROUTE_ACK => "ROUTE_ACK",
         ROUTE_ERROR => "ROUTE_ERROR",
         LINK_HELLO => "LINK_HELLO",
+        REPL_HELLO => "REPL_HELLO",
+        REPL_APPEND => "REPL_APPEND",
+        REPL_ACK => "REPL_ACK",
+        REPL_HEARTBEAT => "REPL_HEARTBEAT",
         _ => "unknown",
     }
 }
@@ -448,14 +557,14 @@ impl std::error::Error for DecodeError {}
 
 /// Field reader over one frame's payload; errors name the frame type and field
 /// so a client author can tell what was wrong from the ERROR reason alone.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    ftype: u8,
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
+    pub(crate) ftype: u8,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
         let left = self.buf.len() - self.pos;
         if n > left {
             return Err(DecodeError::new(
@@ -471,26 +580,26 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], DecodeError> {
         let s = self.take(N, field)?;
         let mut a = [0u8; N];
         a.copy_from_slice(s);
         Ok(a)
     }
 
-    fn u8(&mut self, field: &str) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self, field: &str) -> Result<u8, DecodeError> {
         Ok(self.array::<1>(field)?[0])
     }
 
-    fn u16(&mut self, field: &str) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self, field: &str) -> Result<u16, DecodeError> {
         Ok(u16::from_be_bytes(self.array(field)?))
     }
 
-    fn u32(&mut self, field: &str) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self, field: &str) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.array(field)?))
     }
 
-    fn u64(&mut self, field: &str) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self, field: &str) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array(field)?))
     }
 
@@ -503,7 +612,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn str8(&mut self, field: &str) -> Result<&'a str, DecodeError> {
+    pub(crate) fn str8(&mut self, field: &str) -> Result<&'a str, DecodeError> {
         let n = self.u8(field)? as usize;
         let raw = self.take(n, field)?;
         self.utf8(raw, field)
@@ -542,16 +651,56 @@ pub fn parse_frame(ftype: u8, payload: &[u8]) -> Result<FrameRef<'_>, DecodeErro
     parse_frame_on(ftype, payload, false)
 }
 
+/// The kind of connection a decoder serves; it decides which frame types exist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Client connection: the client frame types only.
+    #[default]
+    Client,
+    /// Worker-to-worker link: client types plus ROUTE_SEND, ROUTE_ACK,
+    /// ROUTE_ERROR and LINK_HELLO.
+    Worker,
+    /// Replication link between the nodes of a pair: REPL_HELLO, REPL_APPEND,
+    /// REPL_ACK and REPL_HEARTBEAT only.
+    Repl,
+}
+
+impl LinkKind {
+    /// True if frames of type `t` may appear on this kind of link.
+    pub fn accepts(self, t: u8) -> bool {
+        match self {
+            LinkKind::Client => !is_internal_type(t) && !is_repl_type(t),
+            LinkKind::Worker => !is_repl_type(t),
+            LinkKind::Repl => is_repl_type(t),
+        }
+    }
+}
+
 /// Parses one frame body on a link of the given kind: with `internal` the
 /// worker-link types (ROUTE_SEND, ROUTE_ACK, ROUTE_ERROR, LINK_HELLO) are
 /// accepted too; without it they are unknown types, exactly as any other
-/// type byte outside the client table.
+/// type byte outside the client table. Replication types are unknown on both.
 pub fn parse_frame_on(
     ftype: u8,
     payload: &[u8],
     internal: bool,
 ) -> Result<FrameRef<'_>, DecodeError> {
-    if !internal && is_internal_type(ftype) {
+    let link = if internal {
+        LinkKind::Worker
+    } else {
+        LinkKind::Client
+    };
+    parse_frame_link(ftype, payload, link)
+}
+
+/// Parses one frame body on a link of kind `link`; a type the link does not
+/// carry is UNKNOWN_TYPE whatever its payload.
+pub fn parse_frame_link(
+    ftype: u8,
+    payload: &[u8],
+    link: LinkKind,
+) -> Result<FrameRef<'_>, DecodeError> {
+    if !link.accepts(ftype) {
         return Err(unknown_type(ftype));
     }
     let mut r = Reader {
@@ -560,6 +709,7 @@ pub fn parse_frame_on(
         ftype,
     };
     let frame = match ftype {
+        REPL_HELLO | REPL_APPEND | REPL_ACK | REPL_HEARTBEAT => repl::parse_repl(&mut r)?,
         LOGIN => FrameRef::Login {
             version: r.u8("version")?,
             user: r.str8("user")?,
@@ -654,8 +804,8 @@ pub struct Decoder {
     buf: Vec<u8>,
     max_frame: u32,
     poisoned: bool,
-    /// Worker link: also accepts the internal frame types.
-    internal: bool,
+    /// Which frame types the link carries.
+    link: LinkKind,
 }
 
 impl Default for Decoder {
@@ -675,13 +825,37 @@ impl Decoder {
         Decoder::with_link(max_frame, true)
     }
 
+    /// A decoder for a replication link: accepts the REPL_* frames only.
+    pub fn new_repl(max_frame: u32) -> Self {
+        Decoder::for_link(max_frame, LinkKind::Repl)
+    }
+
+    /// A client (`internal = false`) or worker-link (`internal = true`) decoder.
     pub fn with_link(max_frame: u32, internal: bool) -> Self {
+        let link = if internal {
+            LinkKind::Worker
+        } else {
+            LinkKind::Client
+        };
+        Decoder::for_link(max_frame, link)
+    }
+
+    pub fn for_link(max_frame: u32, link: LinkKind) -> Self {
         Decoder {
             buf: Vec::new(),
             max_frame,
             poisoned: false,
-            internal,
+            link,
         }
+    }
+
+    pub fn link(&self) -> LinkKind {
+        self.link
+    }
+
+    /// True for a replication-link decoder.
+    pub fn repl(&self) -> bool {
+        self.link == LinkKind::Repl
     }
 
     pub fn max_frame(&self) -> u32 {
@@ -690,7 +864,7 @@ impl Decoder {
 
     /// True for a worker-link decoder (internal frame types accepted).
     pub fn internal(&self) -> bool {
-        self.internal
+        self.link == LinkKind::Worker
     }
 
     /// Bytes of an incomplete frame held back; non-zero at EOF means truncation.
@@ -784,10 +958,10 @@ impl Decoder {
                     if self.buf.len() < total {
                         return;
                     }
-                    sink(parse_frame_on(
+                    sink(parse_frame_link(
                         self.buf[HEADER_LEN],
                         &self.buf[HEADER_LEN + 1..],
-                        self.internal,
+                        self.link,
                     ));
                     self.buf.clear();
                 }
@@ -815,10 +989,10 @@ impl Decoder {
                         self.buf.reserve_exact(total);
                         break;
                     }
-                    sink(parse_frame_on(
+                    sink(parse_frame_link(
                         input[HEADER_LEN],
                         &input[HEADER_LEN + 1..total],
-                        self.internal,
+                        self.link,
                     ));
                     input = &input[total..];
                 }
@@ -852,6 +1026,13 @@ pub enum EncodeError {
         len: usize,
         max_frame: u32,
     },
+    /// A list longer than its count field allows.
+    TooManyItems {
+        frame: &'static str,
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
 }
 
 impl fmt::Display for EncodeError {
@@ -874,13 +1055,22 @@ impl fmt::Display for EncodeError {
                 f,
                 "{frame} frame length {len} exceeds max_frame {max_frame}"
             ),
+            EncodeError::TooManyItems {
+                frame,
+                field,
+                len,
+                max,
+            } => write!(
+                f,
+                "{frame} field {field} has {len} entries, at most {max} allowed"
+            ),
         }
     }
 }
 
 impl std::error::Error for EncodeError {}
 
-fn check_str(
+pub(crate) fn check_str(
     frame: &FrameRef<'_>,
     field: &'static str,
     s: &str,
@@ -954,6 +1144,10 @@ pub fn encoded_len(frame: &FrameRef<'_>, max_frame: u32) -> Result<usize, Encode
                 + check_str(f, "reason", reason, STR16_MAX)?
         }
         FrameRef::LinkHello { .. } => 2 + 4 + 8,
+        FrameRef::ReplHello { .. }
+        | FrameRef::ReplAppend { .. }
+        | FrameRef::ReplAck { .. }
+        | FrameRef::ReplHeartbeat { .. } => repl::repl_payload_len(frame)?,
     };
     let len = 1 + payload;
     if len > max_frame as usize {
@@ -968,22 +1162,22 @@ pub fn encoded_len(frame: &FrameRef<'_>, max_frame: u32) -> Result<usize, Encode
 
 /// Cursor over a pre-sized output slice; the caller sized it with
 /// [`encoded_len`], so running out of room is a bug and panics.
-struct Writer<'a> {
+pub(crate) struct Writer<'a> {
     out: &'a mut [u8],
     pos: usize,
 }
 
 impl Writer<'_> {
-    fn bytes(&mut self, b: &[u8]) {
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
         self.out[self.pos..self.pos + b.len()].copy_from_slice(b);
         self.pos += b.len();
     }
 
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.bytes(&[v]);
     }
 
-    fn str8(&mut self, s: &str) {
+    pub(crate) fn str8(&mut self, s: &str) {
         self.u8(s.len() as u8);
         self.bytes(s.as_bytes());
     }
@@ -1093,6 +1287,10 @@ pub fn write_frame(frame: &FrameRef<'_>, out: &mut [u8]) {
             w.bytes(&pid.to_be_bytes());
             w.bytes(&epoch.to_be_bytes());
         }
+        FrameRef::ReplHello { .. }
+        | FrameRef::ReplAppend { .. }
+        | FrameRef::ReplAck { .. }
+        | FrameRef::ReplHeartbeat { .. } => repl::write_repl(frame, &mut w),
     }
     debug_assert_eq!(w.pos, w.out.len(), "encoded_len disagrees with write_frame");
 }

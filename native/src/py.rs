@@ -11,7 +11,10 @@ use pyo3::{Borrowed, FromPyObject};
 
 use crate::batch::{batch_len, write_batch};
 use crate::dedup;
-use crate::frame::{self, encoded_len, write_frame, DecodeError, FrameRef, DEFAULT_MAX_FRAME};
+use crate::frame::{
+    self, encoded_len, write_frame, DecodeError, FrameRef, LinkKind, DEFAULT_MAX_FRAME,
+};
+use crate::repl::{self, RecordRef, Records, StreamLsns};
 
 /// Type tag of the `(DECODE_ERROR, code, reason)` tuples `Decoder.feed` yields.
 const DECODE_ERROR: u8 = 0;
@@ -95,6 +98,58 @@ fn frame_to_py<'py>(py: Python<'py>, f: &FrameRef<'_>) -> PyResult<Bound<'py, Py
         FrameRef::LinkHello { worker, pid, epoch } => {
             (LINK_HELLO, worker, pid, epoch).into_pyobject(py)
         }
+        FrameRef::ReplHello {
+            version,
+            node,
+            epoch,
+            applied,
+        } => (REPL_HELLO, version, node, epoch, lsns_to_py(py, applied)?).into_pyobject(py),
+        FrameRef::ReplAppend {
+            stream,
+            first_lsn,
+            records,
+        } => {
+            let items = records
+                .iter()
+                .map(|r| record_to_py(py, &r))
+                .collect::<PyResult<Vec<_>>>()?;
+            (REPL_APPEND, stream, first_lsn, PyList::new(py, items)?).into_pyobject(py)
+        }
+        FrameRef::ReplAck { stream, lsn } => (REPL_ACK, stream, lsn).into_pyobject(py),
+        FrameRef::ReplHeartbeat { ts_ms, last } => {
+            (REPL_HEARTBEAT, ts_ms, lsns_to_py(py, last)?).into_pyobject(py)
+        }
+    }
+}
+
+fn lsns_to_py<'py>(py: Python<'py>, entries: StreamLsns<'_>) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(py, entries.iter())
+}
+
+fn record_to_py<'py>(py: Python<'py>, r: &RecordRef<'_>) -> PyResult<Bound<'py, PyTuple>> {
+    use repl::*;
+    match *r {
+        RecordRef::Put {
+            user,
+            seq,
+            ts_ms,
+            sender,
+            msg_id,
+            body,
+        } => (
+            REC_PUT,
+            user,
+            seq,
+            ts_ms,
+            sender,
+            msg_id,
+            PyBytes::new(py, body),
+        )
+            .into_pyobject(py),
+        RecordRef::Del { user, seq } => (REC_DEL, user, seq).into_pyobject(py),
+        RecordRef::Dedup { key, ts_ms } => {
+            (REC_DEDUP, PyBytes::new(py, &key), ts_ms).into_pyobject(py)
+        }
     }
 }
 
@@ -144,6 +199,40 @@ impl<'a, 'py> Fields<'a, 'py> {
         })
     }
 
+    /// The items of a list or tuple field, held so that borrows of them stay valid.
+    fn list(&self, i: usize, field: &str, what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let item = self.item(i)?;
+        if let Ok(l) = item.downcast::<PyList>() {
+            return Ok(l.iter().collect());
+        }
+        if let Ok(t) = item.downcast::<PyTuple>() {
+            return Ok(t.iter().collect());
+        }
+        Err(value_error(format!(
+            "{} field {field} must be a list of {what}, got {}",
+            self.name,
+            type_name(&item)
+        )))
+    }
+
+    /// A list of `(stream, lsn)` int pairs.
+    fn lsns(&self, i: usize, field: &str) -> PyResult<Vec<(u16, u64)>> {
+        self.list(i, field, "(stream, lsn) tuples")?
+            .iter()
+            .enumerate()
+            .map(|(j, e)| {
+                e.extract::<(u16, u64)>().map_err(|_| {
+                    value_error(format!(
+                        "{} field {field} item {j} must be a (stream, lsn) tuple of ints \
+                         in 0..=65535 and 0..=2**64-1, got {}",
+                        self.name,
+                        describe(e)
+                    ))
+                })
+            })
+            .collect()
+    }
+
     fn bytes(&self, i: usize, field: &str) -> PyResult<&'a [u8]> {
         let item = self.item(i)?;
         <&'a [u8]>::from_py_object_bound(item).map_err(|_| {
@@ -163,22 +252,145 @@ fn describe(item: &Bound<'_, PyAny>) -> String {
     }
 }
 
-fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> {
-    use frame::*;
+/// A frame tuple together with the record tuples of a `REPL_APPEND` (owned
+/// references, so the records' borrowed strings and bodies stay valid while
+/// the frame is encoded even though a list is mutable).
+struct Held<'py> {
+    obj: Bound<'py, PyAny>,
+    records: Vec<Bound<'py, PyAny>>,
+}
+
+/// A parsed frame tuple; replication frames keep their lists here and
+/// [`Parsed::frame`] points the `FrameRef` at them.
+struct Parsed<'a> {
+    frame: FrameRef<'a>,
+    records: Vec<RecordRef<'a>>,
+    lsns: Vec<(u16, u64)>,
+}
+
+impl Parsed<'_> {
+    fn frame(&self) -> FrameRef<'_> {
+        match self.frame {
+            FrameRef::ReplAppend {
+                stream, first_lsn, ..
+            } => FrameRef::ReplAppend {
+                stream,
+                first_lsn,
+                records: Records::Refs(&self.records),
+            },
+            FrameRef::ReplHello {
+                version,
+                node,
+                epoch,
+                ..
+            } => FrameRef::ReplHello {
+                version,
+                node,
+                epoch,
+                applied: StreamLsns::Slice(&self.lsns),
+            },
+            FrameRef::ReplHeartbeat { ts_ms, .. } => FrameRef::ReplHeartbeat {
+                ts_ms,
+                last: StreamLsns::Slice(&self.lsns),
+            },
+            f => f,
+        }
+    }
+}
+
+fn frame_tuple<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<(&'a Bound<'py, PyTuple>, u8)> {
     let t = obj
         .downcast::<PyTuple>()
         .map_err(|_| value_error(format!("frame must be a tuple, got {}", type_name(obj))))?;
-    let n = t.len();
-    if n == 0 {
+    if t.is_empty() {
         return Err(value_error("frame tuple is empty"));
     }
     let head = t.get_borrowed_item(0)?;
     let ftype: u8 = head.extract().map_err(|_| {
         value_error(format!(
-            "frame type must be an int (1..=9 or 0x41..=0x44), got {}",
+            "frame type must be an int (1..=9, 0x41..=0x44 or 0x61..=0x64), got {}",
             describe(&head)
         ))
     })?;
+    Ok((t, ftype))
+}
+
+/// First step of encoding a tuple: takes references to a REPL_APPEND's records.
+fn hold(obj: Bound<'_, PyAny>) -> PyResult<Held<'_>> {
+    let mut records = Vec::new();
+    if let Ok((t, repl::REPL_APPEND)) = frame_tuple(&obj) {
+        if t.len() == 4 {
+            records = Fields {
+                t,
+                name: "REPL_APPEND",
+            }
+            .list(3, "records", "record tuples")?;
+        }
+    }
+    Ok(Held { obj, records })
+}
+
+fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
+    use repl::{REC_DEDUP, REC_DEL, REC_PUT};
+    let t = obj
+        .downcast::<PyTuple>()
+        .map_err(|_| value_error(format!("record must be a tuple, got {}", type_name(obj))))?;
+    let n = t.len();
+    if n == 0 {
+        return Err(value_error("record tuple is empty"));
+    }
+    let head = t.get_borrowed_item(0)?;
+    let kind: u8 = head.extract().map_err(|_| {
+        value_error(format!(
+            "record kind must be an int (REC_PUT, REC_DEL or REC_DEDUP), got {}",
+            describe(&head)
+        ))
+    })?;
+    let (name, arity) = match kind {
+        REC_PUT => ("REC_PUT", 7),
+        REC_DEL => ("REC_DEL", 3),
+        REC_DEDUP => ("REC_DEDUP", 3),
+        other => return Err(value_error(format!("unknown record kind {other}"))),
+    };
+    if n != arity {
+        return Err(value_error(format!(
+            "{name} tuple must have {arity} items (kind included), got {n}"
+        )));
+    }
+    let f = Fields { t, name };
+    const U64: &str = "0..=2**64-1";
+    Ok(match kind {
+        REC_PUT => RecordRef::Put {
+            user: f.str(1, "user")?,
+            seq: f.int(2, "seq", U64)?,
+            ts_ms: f.int(3, "ts_ms", U64)?,
+            sender: f.str(4, "sender")?,
+            msg_id: f.str(5, "msg_id")?,
+            body: f.bytes(6, "body")?,
+        },
+        REC_DEL => RecordRef::Del {
+            user: f.str(1, "user")?,
+            seq: f.int(2, "seq", U64)?,
+        },
+        _ => {
+            let key = f.bytes(1, "key")?;
+            RecordRef::Dedup {
+                key: key.try_into().map_err(|_| {
+                    value_error(format!(
+                        "REC_DEDUP field key must be 16 bytes, got {}",
+                        key.len()
+                    ))
+                })?,
+                ts_ms: f.int(2, "ts_ms", U64)?,
+            }
+        }
+    })
+}
+
+fn frame_from_py<'a>(held: &'a Held<'_>) -> PyResult<Parsed<'a>> {
+    use frame::*;
+    let (t, ftype) = frame_tuple(&held.obj)?;
+    let n = t.len();
     let (name, arity) = match ftype {
         LOGIN => ("LOGIN", 4),
         LOGIN_OK => ("LOGIN_OK", 5),
@@ -193,6 +405,10 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
         ROUTE_ACK => ("ROUTE_ACK", 4),
         ROUTE_ERROR => ("ROUTE_ERROR", 5),
         LINK_HELLO => ("LINK_HELLO", 4),
+        REPL_HELLO => ("REPL_HELLO", 5),
+        REPL_APPEND => ("REPL_APPEND", 4),
+        REPL_ACK => ("REPL_ACK", 3),
+        REPL_HEARTBEAT => ("REPL_HEARTBEAT", 3),
         other => return Err(value_error(format!("unknown frame type {other}"))),
     };
     if n != arity {
@@ -205,7 +421,9 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
     const U16: &str = "0..=65535";
     const U32: &str = "0..=2**32-1";
     const U64: &str = "0..=2**64-1";
-    Ok(match ftype {
+    let mut records = Vec::new();
+    let mut lsns = Vec::new();
+    let frame = match ftype {
         LOGIN => FrameRef::Login {
             version: f.int(1, "version", U8)?,
             user: f.str(2, "user")?,
@@ -266,11 +484,56 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
             msg_id: f.str(3, "msg_id")?,
             reason: f.str(4, "reason")?,
         },
-        _ => FrameRef::LinkHello {
+        LINK_HELLO => FrameRef::LinkHello {
             worker: f.int(1, "worker", U16)?,
             pid: f.int(2, "pid", U32)?,
             epoch: f.int(3, "epoch", U64)?,
         },
+        REPL_HELLO => {
+            let frame = FrameRef::ReplHello {
+                version: f.int(1, "version", U8)?,
+                node: f.str(2, "node")?,
+                epoch: f.int(3, "epoch", U64)?,
+                applied: StreamLsns::Slice(&[]),
+            };
+            lsns = f.lsns(4, "applied")?;
+            frame
+        }
+        REPL_APPEND => {
+            let frame = FrameRef::ReplAppend {
+                stream: f.int(1, "stream", U16)?,
+                first_lsn: f.int(2, "first_lsn", U64)?,
+                records: Records::Refs(&[]),
+            };
+            records = held
+                .records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    record_from_py(r).map_err(|e| {
+                        value_error(format!("REPL_APPEND record {i}: {}", e.value(r.py())))
+                    })
+                })
+                .collect::<PyResult<_>>()?;
+            frame
+        }
+        REPL_ACK => FrameRef::ReplAck {
+            stream: f.int(1, "stream", U16)?,
+            lsn: f.int(2, "lsn", U64)?,
+        },
+        _ => {
+            let frame = FrameRef::ReplHeartbeat {
+                ts_ms: f.int(1, "ts_ms", U64)?,
+                last: StreamLsns::Slice(&[]),
+            };
+            lsns = f.lsns(2, "last_lsn")?;
+            frame
+        }
+    };
+    Ok(Parsed {
+        frame,
+        records,
+        lsns,
     })
 }
 
@@ -283,7 +546,10 @@ fn frame_from_py<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<FrameRef<'a>> 
 /// With `internal=False` (client connections) the worker-link frame types
 /// (ROUTE_SEND, ROUTE_ACK, ROUTE_ERROR, LINK_HELLO) are reported as
 /// `(DECODE_ERROR, E_UNKNOWN_TYPE, reason)` like any unknown type; with
-/// `internal=True` (worker links) they decode too.
+/// `internal=True` (worker links) they decode too. With `repl=True`
+/// (replication links between the nodes of a pair) only REPL_HELLO,
+/// REPL_APPEND, REPL_ACK and REPL_HEARTBEAT decode; every other type is
+/// UNKNOWN_TYPE (and those four are UNKNOWN_TYPE on every other decoder).
 /// `feed(data)` returns every frame completed by `data` as tuples
 /// (see the module docs); only a trailing partial frame is kept.
 /// A `(DECODE_ERROR, E_FRAME_TOO_LARGE, reason)` item is fatal: the decoder is
@@ -296,13 +562,23 @@ pub struct PyDecoder {
 #[pymethods]
 impl PyDecoder {
     #[new]
-    #[pyo3(signature = (max_frame = DEFAULT_MAX_FRAME, internal = false))]
-    fn new(max_frame: u32, internal: bool) -> PyResult<Self> {
+    #[pyo3(signature = (max_frame = DEFAULT_MAX_FRAME, internal = false, repl = false))]
+    fn new(max_frame: u32, internal: bool, repl: bool) -> PyResult<Self> {
         if max_frame == 0 {
             return Err(value_error("max_frame must be at least 1"));
         }
+        let link = match (internal, repl) {
+            (false, false) => LinkKind::Client,
+            (true, false) => LinkKind::Worker,
+            (false, true) => LinkKind::Repl,
+            (true, true) => {
+                return Err(value_error(
+                    "a decoder serves one link kind: internal and repl exclude each other",
+                ))
+            }
+        };
         Ok(PyDecoder {
-            inner: frame::Decoder::with_link(max_frame, internal),
+            inner: frame::Decoder::for_link(max_frame, link),
         })
     }
 
@@ -369,12 +645,19 @@ impl PyDecoder {
         self.inner.internal()
     }
 
+    /// True for a replication-link decoder (REPL_* frame types only).
+    #[getter]
+    fn repl(&self) -> bool {
+        self.inner.repl()
+    }
+
     fn __repr__(&self) -> String {
         let py_bool = |b: bool| if b { "True" } else { "False" };
         format!(
-            "Decoder(max_frame={}, internal={}, pending={}, poisoned={})",
+            "Decoder(max_frame={}, internal={}, repl={}, pending={}, poisoned={})",
             self.inner.max_frame(),
             py_bool(self.inner.internal()),
+            py_bool(self.inner.repl()),
             self.inner.pending(),
             py_bool(self.inner.poisoned()),
         )
@@ -418,7 +701,9 @@ impl PyDecoder {
 #[pyfunction]
 #[pyo3(signature = (frame, max_frame = DEFAULT_MAX_FRAME))]
 fn encode<'py>(frame: &Bound<'py, PyAny>, max_frame: u32) -> PyResult<Bound<'py, PyBytes>> {
-    let f = frame_from_py(frame)?;
+    let held = hold(frame.clone())?;
+    let parsed = frame_from_py(&held)?;
+    let f = parsed.frame();
     let len = encoded_len(&f, max_frame).map_err(|e| value_error(e.to_string()))?;
     PyBytes::new_with(frame.py(), len, |out| {
         write_frame(&f, out);
@@ -433,15 +718,18 @@ fn encode<'py>(frame: &Bound<'py, PyAny>, max_frame: u32) -> PyResult<Bound<'py,
 #[pyfunction]
 #[pyo3(signature = (frames, max_frame = DEFAULT_MAX_FRAME))]
 fn encode_batch<'py>(frames: &Bound<'py, PyAny>, max_frame: u32) -> PyResult<Bound<'py, PyBytes>> {
-    let items: Vec<Bound<'py, PyAny>> = frames.try_iter()?.collect::<PyResult<_>>()?;
-    let refs = items
+    let at = |i: usize| move |e: PyErr| value_error(format!("frame {i}: {}", e.value(frames.py())));
+    let held = frames
+        .try_iter()?
+        .enumerate()
+        .map(|(i, obj)| hold(obj?).map_err(at(i)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let parsed = held
         .iter()
         .enumerate()
-        .map(|(i, obj)| {
-            frame_from_py(obj)
-                .map_err(|e| value_error(format!("frame {i}: {}", e.value(frames.py()))))
-        })
+        .map(|(i, h)| frame_from_py(h).map_err(at(i)))
         .collect::<PyResult<Vec<_>>>()?;
+    let refs: Vec<FrameRef<'_>> = parsed.iter().map(Parsed::frame).collect();
     let indexed = |e: frame::EncodeError| {
         // Re-find the failing frame so the message points at it.
         let i = refs
@@ -560,6 +848,12 @@ impl PyDedupWindow {
 /// (ROUTE_SEND, ts_ms, flags, sender, msg_id, to, body),
 /// (ROUTE_ACK, user, msg_id, flags), (ROUTE_ERROR, user, code, msg_id, reason),
 /// (LINK_HELLO, worker, pid, epoch);
+/// replication links only (`Decoder(repl=True)`, see docs/replication.md):
+/// (REPL_HELLO, version, node, epoch, [(stream, applied), ...]),
+/// (REPL_APPEND, stream, first_lsn, [record, ...]), (REPL_ACK, stream, lsn),
+/// (REPL_HEARTBEAT, ts_ms, [(stream, last_lsn), ...]) with records
+/// (REC_PUT, user, seq, ts_ms, sender, msg_id, body), (REC_DEL, user, seq),
+/// (REC_DEDUP, key16, ts_ms);
 /// decode errors are (DECODE_ERROR, code, reason).
 #[pymodule]
 fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -583,6 +877,14 @@ fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("ROUTE_ACK", ROUTE_ACK),
         ("ROUTE_ERROR", ROUTE_ERROR),
         ("LINK_HELLO", LINK_HELLO),
+        ("REPL_HELLO", repl::REPL_HELLO),
+        ("REPL_APPEND", repl::REPL_APPEND),
+        ("REPL_ACK", repl::REPL_ACK),
+        ("REPL_HEARTBEAT", repl::REPL_HEARTBEAT),
+        ("REPL_VERSION", repl::REPL_VERSION),
+        ("REC_PUT", repl::REC_PUT),
+        ("REC_DEL", repl::REC_DEL),
+        ("REC_DEDUP", repl::REC_DEDUP),
         ("ROUTE_FLAG_REPLAY", ROUTE_FLAG_REPLAY),
         ("ACK_STORED", ACK_STORED),
         ("ACK_DUPLICATE", ACK_DUPLICATE),

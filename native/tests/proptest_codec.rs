@@ -2,8 +2,10 @@
 
 use iris_native::batch::encode_batch;
 use iris_native::frame::{
-    encode, is_internal_type, Decoder, Frame, E_FRAME_TOO_LARGE, E_UNKNOWN_TYPE, HEADER_LEN,
+    encode, is_internal_type, Decoder, Frame, LinkKind, E_FRAME_TOO_LARGE, E_UNKNOWN_TYPE,
+    HEADER_LEN,
 };
+use iris_native::repl::{is_repl_type, Record};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -53,6 +55,59 @@ fn internal_frame() -> impl Strategy<Value = Frame> {
         }),
         (any::<u16>(), any::<u32>(), any::<u64>())
             .prop_map(|(worker, pid, epoch)| { Frame::LinkHello { worker, pid, epoch } }),
+    ]
+}
+
+fn record() -> impl Strategy<Value = Record> {
+    prop_oneof![
+        (str8(), any::<u64>(), any::<u64>(), str8(), str8(), body()).prop_map(
+            |(user, seq, ts_ms, sender, msg_id, body)| Record::Put {
+                user,
+                seq,
+                ts_ms,
+                sender,
+                msg_id,
+                body
+            }
+        ),
+        (str8(), any::<u64>()).prop_map(|(user, seq)| Record::Del { user, seq }),
+        (any::<[u8; 16]>(), any::<u64>()).prop_map(|(key, ts_ms)| Record::Dedup { key, ts_ms }),
+    ]
+}
+
+fn stream_lsns() -> impl Strategy<Value = Vec<(u16, u64)>> {
+    vec(any::<(u16, u64)>(), 0..20)
+}
+
+/// Replication-link frames: REPL_HELLO, REPL_APPEND, REPL_ACK, REPL_HEARTBEAT.
+fn repl_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u8>(), str8(), any::<u64>(), stream_lsns()).prop_map(
+            |(version, node, epoch, applied)| Frame::ReplHello {
+                version,
+                node,
+                epoch,
+                applied
+            }
+        ),
+        (any::<u16>(), any::<u64>(), vec(record(), 0..12)).prop_map(
+            |(stream, first_lsn, records)| Frame::ReplAppend {
+                stream,
+                first_lsn,
+                records
+            }
+        ),
+        (any::<u16>(), any::<u64>()).prop_map(|(stream, lsn)| Frame::ReplAck { stream, lsn }),
+        (any::<u64>(), stream_lsns())
+            .prop_map(|(ts_ms, last)| Frame::ReplHeartbeat { ts_ms, last }),
+    ]
+}
+
+fn link_kind() -> impl Strategy<Value = LinkKind> {
+    prop_oneof![
+        Just(LinkKind::Client),
+        Just(LinkKind::Worker),
+        Just(LinkKind::Repl)
     ]
 }
 
@@ -158,9 +213,9 @@ proptest! {
         data in vec(any::<u8>(), 0..4096),
         cuts in vec(any::<usize>(), 0..32),
         max_frame in prop_oneof![1u32..8, 1u32..2048],
-        internal in any::<bool>(),
+        link in link_kind(),
     ) {
-        let mut d = Decoder::with_link(max_frame, internal);
+        let mut d = Decoder::for_link(max_frame, link);
         let mut fatal = false;
         for c in chunks(&data, &cuts) {
             for r in d.feed_owned(&c) {
@@ -179,12 +234,78 @@ proptest! {
     fn byte_soup_split_matches_whole(
         data in vec(any::<u8>(), 0..2048),
         cuts in vec(any::<usize>(), 0..16),
-        internal in any::<bool>(),
+        link in link_kind(),
     ) {
-        let whole = Decoder::with_link(512, internal).feed_owned(&data);
-        let mut d = Decoder::with_link(512, internal);
+        let whole = Decoder::for_link(512, link).feed_owned(&data);
+        let mut d = Decoder::for_link(512, link);
         let mut got = Vec::new();
         for c in chunks(&data, &cuts) {
+            got.extend(d.feed_owned(&c));
+        }
+        prop_assert_eq!(got, whole);
+    }
+
+    #[test]
+    fn repl_frames_roundtrip_on_repl_decoder(
+        frames in vec(repl_frame(), 1..8),
+        cuts in vec(any::<usize>(), 0..6),
+    ) {
+        let refs: Vec<_> = frames.iter().map(Frame::as_ref).collect();
+        let bytes = encode_batch(&refs, 16 << 20).unwrap();
+        let mut d = Decoder::new_repl(16 << 20);
+        let mut got = Vec::new();
+        for c in chunks(&bytes, &cuts) {
+            got.extend(d.feed_owned(&c));
+        }
+        let want: Vec<_> = frames.into_iter().map(Ok).collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn each_link_accepts_only_its_types(
+        frames in vec(prop_oneof![frame(), repl_frame()], 1..8),
+        link in link_kind(),
+    ) {
+        let refs: Vec<_> = frames.iter().map(Frame::as_ref).collect();
+        let bytes = encode_batch(&refs, 16 << 20).unwrap();
+        let got = Decoder::for_link(16 << 20, link).feed_owned(&bytes);
+        prop_assert_eq!(got.len(), frames.len());
+        for (r, f) in got.into_iter().zip(frames) {
+            let t = f.as_ref().frame_type();
+            let ok = match link {
+                LinkKind::Client => !is_internal_type(t) && !is_repl_type(t),
+                LinkKind::Worker => !is_repl_type(t),
+                LinkKind::Repl => is_repl_type(t),
+            };
+            if ok {
+                prop_assert_eq!(r, Ok(f));
+            } else {
+                let e = r.unwrap_err();
+                prop_assert_eq!(e.code, E_UNKNOWN_TYPE);
+                prop_assert_eq!(e.reason, format!("unknown frame type 0x{t:02x}"));
+            }
+        }
+    }
+
+    #[test]
+    fn repl_byte_soup_with_repl_headers_never_panics(
+        frames in vec(repl_frame(), 1..4),
+        flips in vec((any::<usize>(), any::<u8>()), 1..8),
+        cuts in vec(any::<usize>(), 0..6),
+    ) {
+        // Valid frames with corrupted bytes reach the record parser far more
+        // often than random bytes do.
+        let refs: Vec<_> = frames.iter().map(Frame::as_ref).collect();
+        let mut bytes = encode_batch(&refs, 16 << 20).unwrap();
+        for (i, b) in flips {
+            let n = bytes.len();
+            bytes[i % n] = b;
+        }
+        let whole = Decoder::new_repl(1 << 20).feed_owned(&bytes);
+        let mut d = Decoder::new_repl(1 << 20);
+        let mut got = Vec::new();
+        for c in chunks(&bytes, &cuts) {
             got.extend(d.feed_owned(&c));
         }
         prop_assert_eq!(got, whole);
