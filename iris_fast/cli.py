@@ -10,88 +10,43 @@ from iris_fast import __version__
 from iris_fast.config import ServerConfig
 from iris_fast.loadgen import cli as load_cli
 
+# Every ``serve`` option sets the ServerConfig field of the same name (FIELD_OF for the few whose
+# field name carries a unit); defaults come from ServerConfig.
+SERVE_OPTIONS: list[tuple[str, type, str]] = [
+    ("--host", str, "client listener address"),
+    ("--port", int, "client listener port"),
+    ("--http-host", str, "address of /health and /metrics"),
+    ("--http-port", int, "port of /health and /metrics"),
+    ("--data-dir", str, "directory of the LMDB mailbox"),
+    ("--node-id", str, "this node's name"),
+    ("--auth-secret", str, "HS256 secret; clients log in with a JWT whose sub is their user id"),
+    ("--workers", int, "worker processes (each binds the port with SO_REUSEPORT; may exceed the "
+     "cores: each holds at most RLIMIT_NOFILE connections)"),
+    ("--max-frame", int, "largest frame accepted, bytes"),
+    ("--max-inflight", int, "unacknowledged deliveries per connection"),
+    ("--mailbox-limit", int, "stored messages per user before SEND gets MAILBOX_FULL"),
+    ("--max-errors", int, "protocol errors before a connection is closed"),
+    ("--login-timeout", float, "seconds a connection may stay without LOGIN"),
+    ("--hibernate-after", float, "idle seconds before a connection releases its buffers"),
+    ("--dedup-entries", int, "(sender, msg_id) pairs kept in the dedup window"),
+    ("--dedup-age", float, "seconds a (sender, msg_id) pair stays in the dedup window"),
+    ("--lmdb-map-size", int, "initial LMDB map size in bytes (it doubles when full)"),
+]  # fmt: skip
+FIELD_OF = {"--dedup-age": "dedup_age_s"}
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     d = ServerConfig()
     p = sub.add_parser(
         "serve", help="run a node", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--host", default=d.host, help="client listener address")
-    p.add_argument("--port", type=int, default=d.port, help="client listener port")
-    p.add_argument("--http-host", default=d.http_host, help="address of /health and /metrics")
-    p.add_argument(
-        "--http-port", type=int, default=d.http_port, help="port of /health and /metrics"
-    )
-    p.add_argument("--data-dir", default=d.data_dir, help="directory of the LMDB mailbox")
-    p.add_argument("--node-id", default=d.node_id, help="this node's name (default: hostname)")
-    p.add_argument(
-        "--auth-secret",
-        default=None,
-        help="HS256 secret; clients must log in with a JWT whose sub is their user id",
-    )
+    for flag, kind, doc in SERVE_OPTIONS:
+        field = FIELD_OF.get(flag, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=getattr(d, field), dest=field, help=doc)
     p.add_argument(
         "--insecure",
         action="store_true",
         help="allow open login (no --auth-secret) on a non-loopback address",
-    )
-    p.add_argument(
-        "--max-frame", type=int, default=d.max_frame, help="largest frame accepted, bytes"
-    )
-    p.add_argument(
-        "--max-inflight",
-        type=int,
-        default=d.max_inflight,
-        help="unacknowledged deliveries per connection",
-    )
-    p.add_argument(
-        "--mailbox-limit",
-        type=int,
-        default=d.mailbox_limit,
-        help="stored messages per user before SEND gets MAILBOX_FULL",
-    )
-    p.add_argument(
-        "--max-errors",
-        type=int,
-        default=d.max_errors,
-        help="protocol errors before a connection is closed",
-    )
-    p.add_argument(
-        "--login-timeout",
-        type=float,
-        default=d.login_timeout,
-        help="seconds a connection may stay without LOGIN",
-    )
-    p.add_argument(
-        "--hibernate-after",
-        type=float,
-        default=d.hibernate_after,
-        help="idle seconds before a connection releases its buffers",
-    )
-    p.add_argument(
-        "--dedup-entries",
-        type=int,
-        default=d.dedup_entries,
-        help="(sender, msg_id) pairs kept in the dedup window",
-    )
-    p.add_argument(
-        "--dedup-age",
-        type=float,
-        default=d.dedup_age_s,
-        dest="dedup_age_s",
-        help="seconds a (sender, msg_id) pair stays in the dedup window",
-    )
-    p.add_argument(
-        "--lmdb-map-size",
-        type=int,
-        default=d.lmdb_map_size,
-        help="LMDB map size in bytes (the mailbox's maximum size)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=d.workers,
-        help="worker processes (each binds the port with SO_REUSEPORT; may exceed the cores: "
-        "each holds at most RLIMIT_NOFILE connections)",
     )
     p.add_argument("--log-level", default="INFO")
 
