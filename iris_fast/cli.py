@@ -28,11 +28,12 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--max-errors", int, "protocol errors before a connection is closed"),
     ("--login-timeout", float, "seconds a connection may stay without LOGIN"),
     ("--hibernate-after", float, "idle seconds before a connection releases its buffers"),
+    ("--keepalive", float, "TCP keepalive idle seconds; dead peers go after 1.5x that (0: off)"),
     ("--dedup-entries", int, "(sender, msg_id) pairs kept in the dedup window"),
     ("--dedup-age", float, "seconds a (sender, msg_id) pair stays in the dedup window"),
     ("--lmdb-map-size", int, "initial LMDB map size in bytes (it doubles when full)"),
 ]  # fmt: skip
-FIELD_OF = {"--dedup-age": "dedup_age_s"}
+FIELD_OF = {"--dedup-age": "dedup_age_s", "--keepalive": "keepalive_s"}
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:

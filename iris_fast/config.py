@@ -28,6 +28,8 @@ class ServerConfig:
     max_errors: int = 16
     login_timeout: float = 10.0
     hibernate_after: float = 15.0
+    # TCP keepalive idle time; a dead peer is detected after keepalive_s * 1.5 (0: off).
+    keepalive_s: float = 60.0
     dedup_entries: int = 1_000_000
     dedup_age_s: float = 3600.0
     lmdb_map_size: int = 8 << 30

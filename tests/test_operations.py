@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 
@@ -124,3 +125,31 @@ def test_idle_connection_releases_its_read_buffer(server_factory):
     assert srv.metrics()["iris_hibernations_total"] >= 1
     c.send((N.PING, 7))
     assert c.expect(N.PONG) == (N.PONG, 7)
+
+
+def _tcp_timer_of(local_port: int, remote_port: int) -> int:
+    """The ``tr`` (timer kind) column of a socket in /proc/net/tcp: 2 = keepalive timer."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            local, remote = cols[1], cols[2]
+            if (
+                int(local.split(":")[1], 16) == local_port
+                and int(remote.split(":")[1], 16) == remote_port
+            ):
+                return int(cols[5].split(":")[0], 16)
+    raise LookupError("socket not found")
+
+
+@pytest.mark.parametrize("keepalive,timer", [("30", 2), ("0", 0)])
+def test_client_sockets_get_tcp_keepalive(server_factory, keepalive, timer):
+    from rawclient import RawClient
+
+    srv = server_factory("--keepalive", keepalive)
+    c = RawClient(srv.addr)
+    c.login("kept-alive")
+    client_port = c.sock.getsockname()[1]
+    time.sleep(0.1)  # let the last segments be acknowledged (no retransmit timer pending)
+    # The server's end of this connection (local = server port, remote = our port).
+    assert _tcp_timer_of(srv.port, client_port) == timer

@@ -112,6 +112,7 @@ class Worker:
         self._max_inflight = config.max_inflight
         self._max_inflight_bytes = config.max_inflight_bytes
         self._mailbox_limit = config.mailbox_limit
+        self._keepalive = int(config.keepalive_s)
         self._login_ok_flags = 0
         loaded = store.load_dedup(int(config.dedup_age_s * 1000))
         for key, ts in loaded:
@@ -139,6 +140,19 @@ class Worker:
                 conn.data_received(preamble)
             return
         self.unauthenticated.add(conn)
+        if self._keepalive:
+            # A peer that vanished without a FIN (power loss, NAT drop) would otherwise keep its
+            # session, its delivery window and, with several devices, pending deletions forever.
+            # The options travel with the socket when it is handed to the home worker.
+            sock = conn.transport.get_extra_info("socket")
+            idle = self._keepalive
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(idle // 6, 1))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            except (OSError, AttributeError):
+                pass
 
     def on_close(self, conn: Connection) -> None:
         self.connections.discard(conn)
