@@ -1,4 +1,4 @@
-"""The ``iris-fast`` command line: ``serve`` a node, mint a ``token``."""
+"""The ``iris-fast`` command line: ``serve``, ``status``, ``load``, ``token``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from iris_fast import __version__
 from iris_fast.config import ServerConfig
 from iris_fast.loadgen import cli as load_cli
+from iris_fast.ops import status as status_cli
 
 # Every ``serve`` option sets the ServerConfig field of the same name (FIELD_OF for the few whose
 # field name carries a unit); defaults come from ServerConfig.
@@ -67,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _token_parser(sub)
     load_cli.add_parser(sub)
+    status_cli.add_parser(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "status":
+        return status_cli.run(args)
 
     if args.command == "load":
         return load_cli.run(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -153,3 +154,26 @@ def test_client_sockets_get_tcp_keepalive(server_factory, keepalive, timer):
     time.sleep(0.1)  # let the last segments be acknowledged (no retransmit timer pending)
     # The server's end of this connection (local = server port, remote = our port).
     assert _tcp_timer_of(srv.port, client_port) == timer
+
+
+def test_status_shows_up_and_down_nodes(server, tmp_path):
+    from iris_fast.ports import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    endpoints = f"127.0.0.1:{server.http_port},{dead}"
+    r = subprocess.run(
+        [sys.executable, "-m", "iris_fast", "status", "--http", endpoints, "--json"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 1  # one node is down
+    rows = {row["endpoint"]: row for row in json.loads(r.stdout)}
+    up = rows[f"127.0.0.1:{server.http_port}"]
+    assert up["up"] and up["status"] == "ok" and up["node"] == "test-node"
+    assert up["workers_up"] == up["workers"] >= 1
+    assert rows[dead]["up"] is False and rows[dead]["error"]
+    table = subprocess.run(
+        [sys.executable, "-m", "iris_fast", "status", "--http", f"127.0.0.1:{server.http_port}"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert table.returncode == 0
+    assert "test-node" in table.stdout and "ok" in table.stdout

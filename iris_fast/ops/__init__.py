@@ -1,0 +1,1 @@
+"""Operator tools (``iris-fast status``)."""
