@@ -23,7 +23,6 @@ class ServerConfig:
     max_frame: int = 65536
     max_inflight: int = 256
     max_inflight_bytes: int = 1 << 20
-    max_pending_sends: int = 1024
     mailbox_limit: int = 10_000
     max_errors: int = 16
     login_timeout: float = 10.0
@@ -51,7 +50,7 @@ class ServerConfig:
             raise ValueError("--max-frame must be between 16 bytes and 16 MiB")
         if not 1 <= self.workers <= 256:
             raise ValueError("--workers must be between 1 and 256")
-        for name in ("max_inflight", "mailbox_limit", "max_errors", "max_pending_sends"):
+        for name in ("max_inflight", "mailbox_limit", "max_errors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         os.makedirs(self.data_dir, exist_ok=True)

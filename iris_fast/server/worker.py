@@ -25,7 +25,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import iris_native as N
 from iris_native import DEDUP_DONE, DedupWindow, dedup_key
@@ -705,10 +705,6 @@ class Worker:
             conn.close()
 
     def session_count(self) -> int:
+        """Logged-in sessions on this worker (devices counted one by one)."""
         return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
 
-    def health(self) -> dict[str, Any]:
-        return {
-            "connections": len(self.connections),
-            "sessions": self.session_count(),
-        }
