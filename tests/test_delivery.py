@@ -255,3 +255,27 @@ def test_a_message_stays_until_every_online_device_acknowledged_it(server):
     c.login("multi")
     assert c.expect(N.DELIVER)[4] == "x1"  # still stored: b has not acknowledged
     b.send((N.DELIVER_ACK, db[1]))
+
+
+def test_deliveries_pending_on_a_closed_connection_are_kept(server):
+    rcv = RawClient(server.addr)
+    rcv.login("flaky")
+    snd = RawClient(server.addr)
+    snd.login("steady")
+    snd.send(*[(N.SEND, f"c{i}", "flaky", f"C{i}".encode()) for i in range(10)])
+    frames = rcv.collect(N.DELIVER, 10)
+    assert len(frames) == 10
+    rcv.send((N.DELIVER_ACK, frames[3][1]))  # the first four are acknowledged...
+    time.sleep(0.2)
+    rcv.close()  # ...the other six were delivered live and never acknowledged
+    # They are stored on close, so the sender gets every ACK: 4 as delivered, 6 as stored.
+    acks = {a[1]: a[2] for a in snd.collect(N.ACK, 10)}
+    assert len(acks) == 10
+    assert all(acks[f"c{i}"] == 0 for i in range(4))
+    assert all(acks[f"c{i}"] == N.ACK_STORED for i in range(4, 10))
+    again = RawClient(server.addr)
+    again.login("flaky")
+    got = again.collect(N.DELIVER, 6)
+    assert [f[5] for f in got] == [f"C{i}".encode() for i in range(4, 10)]
+    again.send((N.DELIVER_ACK, got[-1][1]))
+    assert again.next(timeout=0.3) is None
