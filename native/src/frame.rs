@@ -1303,7 +1303,7 @@ pub fn encode(frame: &FrameRef<'_>, max_frame: u32) -> Result<Vec<u8>, EncodeErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
 
     #[test]
     fn take_pending_returns_the_partial_frame_and_empties_the_decoder() {
@@ -1369,7 +1369,7 @@ mod tests {
     }
 
     /// Builds a raw frame from a type byte and payload, bypassing the encoder.
-    fn raw(t: u8, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn raw(t: u8, payload: &[u8]) -> Vec<u8> {
         let mut v = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
         v.push(t);
         v.extend_from_slice(payload);

@@ -525,6 +525,7 @@ pub(crate) fn write_repl(frame: &FrameRef<'_>, w: &mut Writer<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::tests::raw;
     use crate::frame::{
         encode, parse_frame, parse_frame_on, Decoder, Frame, LinkKind, E_BAD_UTF8, E_UNKNOWN_TYPE,
     };
@@ -594,13 +595,6 @@ mod tests {
 
     fn enc(f: &Frame) -> Vec<u8> {
         encode(&f.as_ref(), MAX).unwrap()
-    }
-
-    fn raw(t: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
-        v.push(t);
-        v.extend_from_slice(payload);
-        v
     }
 
     fn decode_repl(input: &[u8]) -> Vec<Result<Frame, DecodeError>> {
