@@ -2,8 +2,8 @@
 
 use iris_native::batch::encode_batch;
 use iris_native::frame::{
-    encode, is_internal_type, Decoder, Frame, LinkKind, E_FRAME_TOO_LARGE, E_UNKNOWN_TYPE,
-    HEADER_LEN,
+    encode, is_internal_type, DecodeError, Decoder, Frame, LinkKind, E_FRAME_TOO_LARGE,
+    E_UNKNOWN_TYPE, HEADER_LEN,
 };
 use iris_native::repl::{is_repl_type, Record};
 use proptest::collection::vec;
@@ -161,19 +161,28 @@ fn chunks(data: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Encodes `frames` as one batch (within the decoder's max_frame) and feeds it to `d` cut at `cuts`: (decoded, bytes left pending).
+fn feed_batch_in_chunks(
+    frames: &[Frame],
+    mut d: Decoder,
+    cuts: &[usize],
+) -> (Vec<Result<Frame, DecodeError>>, usize) {
+    let refs: Vec<_> = frames.iter().map(Frame::as_ref).collect();
+    let bytes = encode_batch(&refs, d.max_frame()).unwrap();
+    let mut got = Vec::new();
+    for c in chunks(&bytes, cuts) {
+        got.extend(d.feed_owned(&c));
+    }
+    (got, d.pending())
+}
+
 proptest! {
     #[test]
     fn decode_inverts_encode(frames in vec(frame(), 1..8), cuts in vec(any::<usize>(), 0..6)) {
-        let refs: Vec<_> = frames.iter().map(Frame::as_ref).collect();
-        let bytes = encode_batch(&refs, 1 << 20).unwrap();
-        let mut d = Decoder::new_internal(1 << 20);
-        let mut got = Vec::new();
-        for c in chunks(&bytes, &cuts) {
-            got.extend(d.feed_owned(&c));
-        }
+        let (got, pending) = feed_batch_in_chunks(&frames, Decoder::new_internal(1 << 20), &cuts);
         let want: Vec<_> = frames.into_iter().map(Ok).collect();
         prop_assert_eq!(got, want);
-        prop_assert_eq!(d.pending(), 0);
+        prop_assert_eq!(pending, 0);
     }
 
     #[test]
@@ -250,16 +259,10 @@ proptest! {
         frames in vec(repl_frame(), 1..8),
         cuts in vec(any::<usize>(), 0..6),
     ) {
-        let refs: Vec<_> = frames.iter().map(Frame::as_ref).collect();
-        let bytes = encode_batch(&refs, 16 << 20).unwrap();
-        let mut d = Decoder::new_repl(16 << 20);
-        let mut got = Vec::new();
-        for c in chunks(&bytes, &cuts) {
-            got.extend(d.feed_owned(&c));
-        }
+        let (got, pending) = feed_batch_in_chunks(&frames, Decoder::new_repl(16 << 20), &cuts);
         let want: Vec<_> = frames.into_iter().map(Ok).collect();
         prop_assert_eq!(got, want);
-        prop_assert_eq!(d.pending(), 0);
+        prop_assert_eq!(pending, 0);
     }
 
     #[test]
