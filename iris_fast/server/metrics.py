@@ -104,6 +104,18 @@ class _WorkerCollector:
             "iris_messages_deduplicated": ("Resends absorbed by the dedup window", s.deduplicated),
             "iris_messages_refused": ("Messages refused (mailbox full, bad recipient)", s.refused),
             "iris_login_timeouts": ("Connections closed for not logging in", s.login_timeouts),
+            "iris_handoffs_in": ("Connections adopted from another worker", s.handoffs_in),
+            "iris_handoffs_out": ("Connections handed to their home worker", s.handoffs_out),
+            "iris_handoff_failures": (
+                "Hand-offs that failed (home busy or restarting)",
+                s.handoff_failures,
+            ),
+            "iris_handoff_retries": (
+                "Hand-offs retried (home busy or restarting)",
+                s.handoff_retries,
+            ),
+            "iris_routed_in": ("Messages received from other workers", s.routed_in),
+            "iris_routed_out": ("Messages forwarded to other workers", s.routed_out),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
@@ -158,24 +170,6 @@ class _WorkerCollector:
             "Deliveries acknowledged per second (smoothed over ~5 s)",
             value=self.node.delivered_per_s,
         )
-        s_ = w.stats
-        for name, doc, value in (
-            ("iris_handoffs_in", "Connections adopted from another worker", s_.handoffs_in),
-            ("iris_handoffs_out", "Connections handed to their home worker", s_.handoffs_out),
-            (
-                "iris_handoff_failures",
-                "Hand-offs that failed (home restarting)",
-                s_.handoff_failures,
-            ),
-            (
-                "iris_handoff_retries",
-                "Hand-offs retried (home busy or restarting)",
-                s_.handoff_retries,
-            ),
-            ("iris_routed_in", "Messages received from other workers", s_.routed_in),
-            ("iris_routed_out", "Messages forwarded to other workers", s_.routed_out),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily(
             "iris_cpu_seconds",

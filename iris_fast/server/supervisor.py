@@ -40,7 +40,6 @@ class Supervisor:
         self.restarts: dict[int, int] = {}
         self.stopping = False
         self.started = time.time()
-        self._watchers: list[asyncio.Task[None]] = []
 
     async def spawn(self, index: int) -> None:
         cfg = dataclasses.replace(self.config, worker_index=index)

@@ -707,4 +707,3 @@ class Worker:
     def session_count(self) -> int:
         """Logged-in sessions on this worker (devices counted one by one)."""
         return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
-

@@ -108,12 +108,7 @@ class MailboxStore:
         self._batch_durable = False
         self._kick_soon = False
         self._lazy_timer: asyncio.TimerHandle | None = None
-        self._idle = threading.Event()
-        self._idle.set()
         self.seq_hwm = self._load_hwm()
-        self.commits = 0
-        self.committed_ops = 0
-        self.fsyncs = 0
         self._thread = threading.Thread(target=self._run, name="iris-lmdb-writer", daemon=True)
         self._thread.start()
 
@@ -261,17 +256,14 @@ class MailboxStore:
             self._need_sync = self._need_sync or durable
             self._ops.extend(ops)
             self._callbacks.extend(callbacks)
-            self._idle.clear()
             self._lock.notify()
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 while not self._ops and not self._callbacks and not self._closing:
-                    self._idle.set()
                     self._lock.wait()
                 if not self._ops and not self._callbacks and self._closing:
-                    self._idle.set()
                     return
                 ops, self._ops = self._ops, []
                 callbacks, self._callbacks = self._callbacks, []
@@ -284,12 +276,8 @@ class MailboxStore:
             except Exception:  # pragma: no cover - disk full: nothing more can be ACKed
                 log.exception("LMDB commit of %d operations failed; stopping the node", len(ops))
                 os._exit(70)
-            self.commits += 1
-            self.committed_ops += len(ops)
-            if durable:
-                self.fsyncs += 1
-                if self._on_commit is not None:
-                    self._on_commit(len(ops), time.perf_counter() - started)
+            if durable and self._on_commit is not None:
+                self._on_commit(len(ops), time.perf_counter() - started)
             if callbacks:
                 try:
                     self._loop.call_soon_threadsafe(_run_all, callbacks)
@@ -330,11 +318,6 @@ class MailboxStore:
                             if not cur.delete():
                                 break
             txn.put(self._hwm_key, _SEQ.pack(self.seq_hwm), db=self._meta)
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Block until everything queued so far is durable (loop thread; used at shutdown)."""
-        self._kick()
-        return self._idle.wait(timeout)
 
     def close(self) -> None:
         """Flush, stop the writer and close the environment (loop thread)."""
