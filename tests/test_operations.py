@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -177,3 +178,29 @@ def test_status_shows_up_and_down_nodes(server, tmp_path):
     )  # fmt: skip
     assert table.returncode == 0
     assert "test-node" in table.stdout and "ok" in table.stdout
+
+
+def test_serve_works_from_a_directory_that_shadows_the_package(tmp_path):
+    """``iris-fast serve`` run inside a source checkout (the README's quick start): the workers
+    must import the installed package, not the ``iris_fast/`` folder of the working directory."""
+    import sysconfig
+
+    from iris_fast.ports import free_port
+    from iris_fast.scrape import wait_healthy
+
+    shadow = tmp_path / "iris_fast"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('shadowing source tree imported')\n")
+    exe = os.path.join(sysconfig.get_path("scripts"), "iris-fast")
+    port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [exe, "serve", "--port", str(port), "--http-port", str(http_port), "--workers", "2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert wait_healthy("127.0.0.1", http_port, timeout=20), "workers never came up"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert "shadowing source tree imported" not in out

@@ -46,8 +46,11 @@ class Supervisor:
         env = dict(os.environ)
         env[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
         env["IRIS_FAST_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().level)
+        # -P: do not put the working directory first on sys.path. Run from a source checkout
+        # (the README's quick start), it would shadow the installed package, whose compiled
+        # extension the source tree does not contain.
         self.procs[index] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "iris_fast.server.worker_process", env=env
+            sys.executable, "-P", "-m", "iris_fast.server.worker_process", env=env
         )
 
     async def watch(self, index: int) -> None:
