@@ -33,8 +33,18 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--dedup-entries", int, "(sender, msg_id) pairs kept in the dedup window"),
     ("--dedup-age", float, "seconds a (sender, msg_id) pair stays in the dedup window"),
     ("--lmdb-map-size", int, "initial LMDB map size in bytes (it doubles when full)"),
+    ("--repl-host", str, "address the replication listener binds"),
+    ("--repl-port", int, "replication listener port (0: none)"),
+    ("--peer", str, "HOST:PORT of the peer node's replication listener (pair replication)"),
+    ("--heartbeat", float, "seconds between replication heartbeats"),
+    ("--peer-timeout", float, "seconds of silence after which the peer counts as down"),
 ]  # fmt: skip
-FIELD_OF = {"--dedup-age": "dedup_age_s", "--keepalive": "keepalive_s"}
+FIELD_OF = {
+    "--dedup-age": "dedup_age_s",
+    "--keepalive": "keepalive_s",
+    "--heartbeat": "heartbeat_s",
+    "--peer-timeout": "peer_timeout_s",
+}
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:

@@ -34,6 +34,14 @@ class ServerConfig:
     lmdb_map_size: int = 8 << 30
     shutdown_grace: float = 5.0
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Pair replication (docs/replication.md): where this node listens for its peer, and where
+    # the peer listens. No --peer: a single node; no --repl-port: nothing can replicate to us.
+    repl_host: str = "127.0.0.1"
+    repl_port: int = 0
+    peer: str | None = None
+    heartbeat_s: float = 0.5
+    # Silence after which the peer counts as down (heartbeats come every heartbeat_s).
+    peer_timeout_s: float = 1.5
     # Set by the supervisor for each worker process.
     worker_index: int = 0
 
@@ -53,6 +61,16 @@ class ServerConfig:
         for name in ("max_inflight", "mailbox_limit", "max_errors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.peer is not None:
+            from iris_fast.replication.replicator import parse_peer
+
+            parse_peer(self.peer)
+            if not self.repl_port:
+                raise ValueError("--peer needs --repl-port: the peer replicates to us too")
+        if self.repl_port and self.repl_port in (self.port, self.http_port):
+            raise ValueError("--repl-port must differ from --port and --http-port")
+        if not 0 < self.heartbeat_s < self.peer_timeout_s:
+            raise ValueError("--heartbeat must be positive and below --peer-timeout")
         os.makedirs(self.data_dir, exist_ok=True)
 
 

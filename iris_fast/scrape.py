@@ -29,12 +29,16 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def wait_healthy(host: str, port: int, timeout: float = 30.0) -> bool:
-    """Poll ``/health`` until the node says ``ok`` (all workers up and linked); False on timeout."""
+def wait_healthy(
+    host: str, port: int, timeout: float = 30.0, accept: tuple[str, ...] = ("ok",)
+) -> bool:
+    """Poll ``/health`` until the node's status is in ``accept`` (``ok``: all workers up and
+    linked, and paired if it has a peer; add ``degraded`` to accept a node whose peer is down).
+    False on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if fetch_health(host, port)["status"] == "ok":
+            if fetch_health(host, port)["status"] in accept:
                 return True
         except OSError:
             pass

@@ -27,6 +27,8 @@ REPL_APPEND: Final[int]
 REPL_ACK: Final[int]
 REPL_HEARTBEAT: Final[int]
 REPL_VERSION: Final[int]
+# REPL_HELLO flags bit 0: writes accepted in degraded mode since the last healthy link.
+HELLO_SPLIT: Final[int]
 # Record kinds inside REPL_APPEND.
 REC_PUT: Final[int]
 REC_DEL: Final[int]
@@ -78,8 +80,9 @@ DedupRecord: TypeAlias = tuple[int, bytes, int]
 Record: TypeAlias = PutRecord | DelRecord | DedupRecord
 # (stream, lsn)
 StreamLsn: TypeAlias = tuple[int, int]
-# (REPL_HELLO, version, node, epoch, [(stream, applied), ...])  -- replication links only
-ReplHelloFrame: TypeAlias = tuple[int, int, str, int, list[StreamLsn]]
+# (REPL_HELLO, version, node, epoch, workers, flags, [(stream, lsn), ...])
+#   -- replication links only
+ReplHelloFrame: TypeAlias = tuple[int, int, str, int, int, int, list[StreamLsn]]
 # (REPL_APPEND, stream, first_lsn, [record, ...])  -- replication links only
 ReplAppendFrame: TypeAlias = tuple[int, int, int, list[Record]]
 # (REPL_ACK, stream, lsn)  -- replication links only

@@ -34,7 +34,8 @@ class ServerProcess:
     def addr(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
-    def start(self, timeout: float = 20.0) -> ServerProcess:
+    def start(self, timeout: float = 20.0, accept: tuple[str, ...] = ("ok",)) -> ServerProcess:
+        """Start and wait until ``/health`` says a status in ``accept``."""
         cmd = [
             sys.executable,
             "-m",
@@ -65,7 +66,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if self.health()["status"] == "ok":
+                if self.health()["status"] in accept:
                     return self
             except OSError:
                 pass

@@ -16,8 +16,8 @@ DEL = (n.REC_DEL, "bob", 7)
 DEDUP = (n.REC_DEDUP, bytes(range(16)), 5)
 
 SAMPLES = [
-    (n.REPL_HELLO, n.REPL_VERSION, "node-a", 2**64 - 1, [(0, 5), (65535, 0)]),
-    (n.REPL_HELLO, 1, "", 0, []),
+    (n.REPL_HELLO, n.REPL_VERSION, "node-a", 2**64 - 1, 65535, n.HELLO_SPLIT, [(0, 5), (65535, 0)]),
+    (n.REPL_HELLO, 1, "", 0, 0, 0, []),
     (n.REPL_APPEND, 3, 1, [PUT, DEL, DEDUP]),
     (n.REPL_APPEND, 0, 2**64 - 1, []),
     (n.REPL_ACK, 65535, 42),
@@ -43,6 +43,7 @@ def only_error(data: bytes) -> tuple:
 def test_constants() -> None:
     assert (n.REPL_HELLO, n.REPL_APPEND, n.REPL_ACK, n.REPL_HEARTBEAT) == (0x61, 0x62, 0x63, 0x64)
     assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 1)
+    assert n.HELLO_SPLIT == 1
 
 
 def test_decoder_flag() -> None:
@@ -59,8 +60,8 @@ def test_wire_layout() -> None:
     assert n.encode((n.REPL_ACK, 0x0102, 3)) == raw(0x63, b"\x01\x02" + (3).to_bytes(8, "big"))
     hb = n.encode((n.REPL_HEARTBEAT, 4, [(5, 6)]))
     assert hb == raw(0x64, struct.pack(">QHHQ", 4, 1, 5, 6))
-    hello = n.encode((n.REPL_HELLO, 1, "ab", 2, [(3, 4)]))
-    assert hello == raw(0x61, b"\x01\x02ab" + struct.pack(">QHHQ", 2, 1, 3, 4))
+    hello = n.encode((n.REPL_HELLO, 1, "ab", 2, 0x0809, n.HELLO_SPLIT, [(3, 4)]))
+    assert hello == raw(0x61, b"\x01\x02ab" + struct.pack(">QHBHHQ", 2, 0x0809, 1, 1, 3, 4))
     recs = [
         (n.REC_PUT, "u", 3, 4, "s", "m", b"xy"),
         (n.REC_DEL, "u", 5),
@@ -84,7 +85,7 @@ def test_decoded_types() -> None:
     assert type(put[6]) is bytes and type(dedup[1]) is bytes and len(dedup[1]) == 16
     assert type(put) is tuple
     [hello] = decode(n.encode(SAMPLES[0]))
-    assert type(hello[4]) is list and hello[4][0] == (0, 5)
+    assert type(hello[6]) is list and hello[6][0] == (0, 5)
 
 
 def test_batch_and_byte_by_byte() -> None:
@@ -99,6 +100,32 @@ def test_batch_and_byte_by_byte() -> None:
 
 def test_records_may_be_tuples() -> None:
     assert decode(n.encode((n.REPL_APPEND, 1, 1, (DEL,)))) == [(n.REPL_APPEND, 1, 1, [DEL])]
+
+
+@pytest.mark.parametrize("flags", [0, n.HELLO_SPLIT, 0xFE, 0xFF])
+@pytest.mark.parametrize("workers", [0, 1, 16, 65535])
+def test_hello_workers_and_flags_roundtrip(workers: int, flags: int) -> None:
+    frame = (n.REPL_HELLO, n.REPL_VERSION, "node-b", 7, workers, flags, [(1, 2)])
+    data = n.encode(frame)
+    # workers u16 and flags u8 sit right after epoch u64.
+    assert data[5:] == b"\x01\x06node-b" + struct.pack(">QHBHHQ", 7, workers, flags, 1, 1, 2)
+    # Reserved flag bits are carried through unchanged; interpreting them is up to the receiver.
+    [(_, _, _, _, got_workers, got_flags, lsns)] = decode(data)
+    assert (got_workers, got_flags, lsns) == (workers, flags, [(1, 2)])
+    assert bool(got_flags & n.HELLO_SPLIT) == bool(flags & 1)
+
+
+def test_hello_truncated_before_flags_is_bad_frame() -> None:
+    # version, node, epoch and workers present; the flags byte is missing.
+    payload = b"\x01\x01n" + struct.pack(">QH", 1, 4)
+    _, code, reason = only_error(raw(n.REPL_HELLO, payload))
+    assert code == n.E_BAD_FRAME
+    assert reason.startswith("REPL_HELLO") and "truncated in field flags" in reason, reason
+    # Every shorter prefix of a full HELLO is truncated as well.
+    data = n.encode(SAMPLES[0])
+    for cut in range(len(data) - 5):
+        _, code, reason = only_error(raw(n.REPL_HELLO, data[5 : 5 + cut]))
+        assert code == n.E_BAD_FRAME and "truncated" in reason, (cut, reason)
 
 
 @pytest.mark.parametrize("frame", SAMPLES, ids=lambda f: hex(f[0]))
@@ -146,7 +173,7 @@ def test_bad_utf8() -> None:
     data[i : i + 2] = b"\xff\xfe"
     e = only_error(bytes(data))
     assert e[1] == n.E_BAD_UTF8 and "field user" in e[2]
-    data = bytearray(n.encode((n.REPL_HELLO, 1, "\x7f", 1, [])))
+    data = bytearray(n.encode((n.REPL_HELLO, 1, "\x7f", 1, 2, 0, [])))
     data[data.index(b"\x7f")] = 0xFF
     assert only_error(bytes(data))[1] == n.E_BAD_UTF8
 
@@ -166,8 +193,11 @@ def test_bad_utf8() -> None:
             "field body must be bytes",
         ),
         ((n.REPL_APPEND, 1, 1, [(n.REC_PUT, "u", 1, 1, "x" * 256, "m", b"")]), "field sender"),
-        ((n.REPL_HELLO, 1, "n", 1, [(1, -1)]), "field applied item 0"),
-        ((n.REPL_HELLO, 1, "n", 1, [(0, 0)] * 65536), "at most 65535"),
+        ((n.REPL_HELLO, 1, "n", 1, [(1, 2)]), "REPL_HELLO tuple must have 7 items"),
+        ((n.REPL_HELLO, 1, "n", 1, 65536, 0, []), "REPL_HELLO field workers"),
+        ((n.REPL_HELLO, 1, "n", 1, 1, 256, []), "REPL_HELLO field flags"),
+        ((n.REPL_HELLO, 1, "n", 1, 1, 0, [(1, -1)]), "field applied item 0"),
+        ((n.REPL_HELLO, 1, "n", 1, 1, 0, [(0, 0)] * 65536), "at most 65535"),
         ((n.REPL_HEARTBEAT, 1, 5), "field last_lsn must be a list"),
     ],
 )
@@ -197,7 +227,7 @@ records = st.one_of(
 )
 lsns = st.lists(st.tuples(u16, u64), max_size=10)
 repl_frames = st.one_of(
-    st.tuples(st.just(n.REPL_HELLO), st.integers(0, 255), s8, u64, lsns),
+    st.tuples(st.just(n.REPL_HELLO), st.integers(0, 255), s8, u64, u16, st.integers(0, 255), lsns),
     st.tuples(st.just(n.REPL_APPEND), u16, u64, st.lists(records, max_size=8)),
     st.tuples(st.just(n.REPL_ACK), u16, u64),
     st.tuples(st.just(n.REPL_HEARTBEAT), u64, lsns),

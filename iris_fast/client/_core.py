@@ -195,6 +195,8 @@ class ClientCore:
         self.node = ""
         self.login_flags = 0
         self.last_ack_flags = 0
+        # Deliveries of messages already received (a redelivery after a failover): dropped.
+        self.duplicates_dropped = 0
         self.out: list[tuple] = []
         self.decoder = nat.Decoder(max_frame=_DECODER_MAX_FRAME)
 
@@ -309,6 +311,7 @@ class ClientCore:
                 self._push_cur(tag)
             return
         if key in self.dedup:
+            self.duplicates_dropped += 1
             if not self._cur_tags:
                 self._ack(self.highest_tag)
             # Otherwise the ack of a later current-generation entry covers this tag.
@@ -399,6 +402,12 @@ class ClientBase:
     def unacked(self) -> dict[str, tuple[str, bytes]]:
         """Messages sent but not ACKed yet, oldest first: ``msg_id -> (to, body)``."""
         return self._core.unacked
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Deliveries dropped because the message had been received already (redeliveries
+        after a failover or a lost DELIVER_ACK: the receive-side dedup at work)."""
+        return self._core.duplicates_dropped
 
     @property
     def last_ack_flags(self) -> int:

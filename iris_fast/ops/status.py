@@ -1,8 +1,10 @@
 """``iris-fast status``: the nodes at a glance, from their ``/health`` and ``/metrics``.
 
-Each node given with ``--http`` is asked once; the table shows whether it answers, its workers,
-connections, memory and delivery rate, and whether it runs degraded. The exit code is 0 when
-every node answers and says ``ok``, 1 otherwise, so scripts and probes can use it.
+Each node given with ``--http`` is asked once; the table shows whether it answers, its role in
+its pair (paired, alone, catching-up, single), the replication lag to its peer in records and
+milliseconds, its workers, connections, memory and delivery rate. The exit code is 0 when every
+node answers and says ``ok`` (a degraded pair is not ok), 1 otherwise, so scripts and probes can
+use it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,19 @@ def probe(endpoint: str, timeout: float) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {"endpoint": endpoint, "up": False, "error": str(exc)}
     workers = health.get("workers", [])
+    repl = health.get("replication") or {}
     return {
         "endpoint": endpoint,
         "up": True,
         "status": health.get("status"),
         "node": health.get("node"),
         "degraded": bool(health.get("degraded")),
+        "role": health.get("role", "single"),
+        "peer": repl.get("peer"),
+        "peer_node": repl.get("peer_node"),
+        "peer_up": bool(repl.get("peer_up")),
+        "lag_records": int(repl.get("lag_records", 0)),
+        "lag_ms": float(repl.get("lag_ms", 0.0)),
         "workers_up": sum(1 for w in workers if w.get("up")),
         "workers": len(workers),
         "restarts": sum(w.get("restarts", 0) for w in workers),
@@ -68,20 +77,27 @@ def _table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     t = Table(title="iris-fast nodes")
-    for col in ("endpoint", "node", "state", "workers", "connections", "memory",
-                "B/conn", "delivered/s", "uptime"):  # fmt: skip
-        t.add_column(col, justify="left" if col in ("endpoint", "node", "state") else "right")
+    left = ("endpoint", "node", "state", "role")
+    for col in ("endpoint", "node", "state", "role", "repl lag", "workers", "connections",
+                "memory", "B/conn", "delivered/s", "uptime"):  # fmt: skip
+        t.add_column(col, justify="left" if col in left else "right")
     for r in rows:
         if not r["up"]:
-            t.add_row(r["endpoint"], "-", f"[red]DOWN[/red] ({r['error']})", *["-"] * 6)
+            t.add_row(r["endpoint"], "-", f"[red]DOWN[/red] ({r['error']})", *["-"] * 8)
             continue
-        state = r["status"] if r["status"] != "ok" else "[green]ok[/green]"
-        if r["degraded"]:
-            state += " [yellow]degraded[/yellow]"
+        state = {"ok": "[green]ok[/green]", "degraded": "[yellow]degraded[/yellow]"}.get(
+            r["status"], r["status"]
+        )
+        role = r["role"]
+        if r["peer_node"]:
+            role += f" (peer {r['peer_node']})"
+        lag = f"{r['lag_records']:,} rec / {r['lag_ms']:,.0f} ms" if r["peer"] else "-"
         t.add_row(
             r["endpoint"],
             str(r["node"]),
             state,
+            role,
+            lag,
             f"{r['workers_up']}/{r['workers']}"
             + (f" ({r['restarts']} restarts)" if r["restarts"] else ""),
             f"{r['connections']:,}",

@@ -33,6 +33,9 @@ DERIVED = {
     "iris_write_batch_avg",
     "iris_memory_per_connection_bytes",
     "iris_uptime_seconds",
+    "iris_repl_peer_up",
+    "iris_repl_degraded",
+    "iris_repl_lag_ms",
 }
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?$")
@@ -92,6 +95,10 @@ def merge_metrics(texts: dict[int, str], up: dict[int, bool]) -> str:
         ),
         # The sum of uptimes means nothing: report the oldest worker's.
         "iris_uptime_seconds": _max_sample(texts, "iris_uptime_seconds"),
+        # A node's peer is up when every stream's is; its lag is its slowest stream's.
+        "iris_repl_peer_up": _min_sample(texts, "iris_repl_peer_up"),
+        "iris_repl_degraded": _max_sample(texts, "iris_repl_degraded"),
+        "iris_repl_lag_ms": _max_sample(texts, "iris_repl_lag_ms"),
     }
 
     out: list[str] = []
@@ -140,6 +147,16 @@ def _max_sample(texts: dict[int, str], name: str) -> float:
     return best
 
 
+def _min_sample(texts: dict[int, str], name: str) -> float:
+    values = [
+        float(line.rpartition(" ")[2])
+        for text in texts.values()
+        for line in text.splitlines()
+        if line.startswith(name + " ")
+    ]
+    return min(values) if values else 0.0
+
+
 def merge_health(
     node: str,
     version: str,
@@ -154,8 +171,16 @@ def merge_health(
     # between workers would wait for a link.
     all_up = len(up) == len(workers) and all(h["links_up"] >= len(workers) - 1 for h in up)
     draining = any(h.get("status") == "draining" for h in up)
+    repl = merge_replication([h.get("replication") for h in up])
+    degraded = bool(repl and repl["degraded"])
+    if draining:
+        status = "draining"
+    elif not all_up:
+        status = "starting"
+    else:
+        status = "degraded" if degraded else "ok"
     return {
-        "status": "draining" if draining else ("ok" if all_up else "starting"),
+        "status": status,
         "node": node,
         "version": version,
         "connections": sum(h["connections"] for h in up),
@@ -163,7 +188,9 @@ def merge_health(
         "uptime_s": round(now - started, 3),
         "rss_bytes": sum(h["rss_bytes"] for h in up),
         "cores": [node],
-        "degraded": False,
+        "degraded": degraded,
+        "role": repl["role"] if repl else "single",
+        "replication": repl,
         "workers": [
             {
                 "index": i,
@@ -175,4 +202,35 @@ def merge_health(
             }
             for i, h in sorted(workers.items())
         ],
+    }
+
+
+def merge_replication(parts: list[dict | None]) -> dict | None:
+    """The node's replication state from its workers' (each worker is one stream)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    has_peer = any(p["peer"] for p in parts)
+    degraded = any(p["degraded"] for p in parts)
+    catching_up = any(p["catching_up"] for p in parts)
+    peer_up = has_peer and all(p["peer_up"] for p in parts)
+    if not has_peer:
+        role = "replica-only"
+    elif peer_up and not degraded:
+        role = "paired"
+    elif peer_up:
+        role = "catching-up"
+    else:
+        role = "alone"
+    return {
+        "peer": next((p["peer"] for p in parts if p["peer"]), None),
+        "peer_node": next((p["peer_node"] for p in parts if p["peer_node"]), None),
+        "peer_up": peer_up,
+        "role": role,
+        "degraded": degraded,
+        "catching_up": catching_up,
+        "lag_records": sum(p["lag_records"] for p in parts),
+        "lag_ms": max(p["lag_ms"] for p in parts),
+        "apply_lag_records": sum(p["apply_lag_records"] for p in parts),
+        "streams": len(parts),
     }

@@ -170,6 +170,7 @@ class _WorkerCollector:
             "Deliveries acknowledged per second (smoothed over ~5 s)",
             value=self.node.delivered_per_s,
         )
+        yield from _replication_metrics(w)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily(
             "iris_cpu_seconds",
@@ -179,3 +180,49 @@ class _WorkerCollector:
         yield GaugeMetricFamily(
             "iris_uptime_seconds", "Seconds since start", value=time.time() - self.started
         )
+
+
+def _replication_metrics(w: Worker) -> Iterator[Metric]:
+    repl = w.repl
+    if repl is None:
+        return
+    o = repl.origin
+    r = repl.replica
+    gauges = {
+        "iris_repl_peer_up": ("1 if the peer takes this node's records (per node: all streams)",
+                              int(o is not None and o.link is not None)),
+        "iris_repl_degraded": ("1 if ACKs do not wait for the peer (it is down or catching up)",
+                               int(repl.degraded)),
+        "iris_repl_lag_records": ("Records committed here that the peer has not acknowledged",
+                                  o.lag_records() if o else 0),
+        "iris_repl_lag_ms": ("Age of the oldest record the peer has not acknowledged",
+                             o.lag_ms() if o else 0.0),
+        "iris_repl_catchup_remaining_records": (
+            "Records left to send to a returning peer",
+            max(o.catchup_target - o.acked, 0) if o and o.catching_up else 0),
+        "iris_repl_apply_lag_records": ("Records of the peer's log not applied here yet",
+                                        r.lag_records()),
+    }  # fmt: skip
+    for name, (doc, value) in gauges.items():
+        yield GaugeMetricFamily(name, doc, value=value)
+    counters = {
+        "iris_repl_records_sent": ("Records sent to the peer", o.records_sent if o else 0),
+        "iris_repl_appends_sent": ("REPL_APPEND frames sent", o.appends_sent if o else 0),
+        "iris_repl_records_applied": ("Records of the peer applied here", r.records_applied),
+        "iris_repl_appends_applied": ("REPL_APPEND batches applied (one fsync each)",
+                                      r.appends_applied),
+        "iris_repl_catchup_records": ("Records a returning peer caught up on",
+                                      o.catchup_records if o else 0),
+        "iris_repl_failovers": ("Times the peer was lost and this node went on alone",
+                                o.peer_losses if o else 0),
+        "iris_repl_degraded_acks": ("Client ACKs given with one copy (ACK_DEGRADED)",
+                                    o.degraded_acks if o else 0),
+        "iris_repl_split_brains": ("Partitions detected on heal: both nodes took writes apart",
+                                   r.split_brains),
+        "iris_repl_links_refused": ("Replication links refused (wrong version, id, workers)",
+                                    repl.refused),
+        "iris_repl_duplicates_skipped": ("Replicated messages this node already had",
+                                         w.stats.repl_duplicates),
+    }  # fmt: skip
+    for name, (doc, value) in counters.items():
+        yield CounterMetricFamily(name, doc, value=value)

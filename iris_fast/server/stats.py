@@ -29,6 +29,8 @@ class WorkerStats:
         "handoff_retries",
         "routed_in",
         "routed_out",
+        "repl_applied",
+        "repl_duplicates",
         "rejected_by_reason",
     )
 
@@ -50,6 +52,8 @@ class WorkerStats:
         self.handoff_retries = 0
         self.routed_in = 0
         self.routed_out = 0
+        self.repl_applied = 0
+        self.repl_duplicates = 0
         self.rejected_by_reason: dict[str, int] = {}
 
     def rejected(self, reason: str) -> None:

@@ -40,7 +40,9 @@ from iris_fast.server.stats import WorkerStats
 if TYPE_CHECKING:
     import asyncio
 
+    from iris_fast.replication.replicator import Replicator
     from iris_fast.storage.mailbox import MailboxStore
+    from iris_fast.storage.mailbox import Record as ReplRecord
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class Worker:
         # Set by the process entry point once the sockets exist (None with a single worker).
         self.links: Links | None = None
         self.handoff: Handoff | None = None
+        # Set when the node has a peer (docs/replication.md).
+        self.repl: Replicator | None = None
         # Messages forwarded to another worker and not yet answered, per worker, in send order:
         # replayed when that worker comes back after a crash.
         self.routed: dict[int, dict[tuple[str, str], tuple]] = {}
@@ -113,7 +117,6 @@ class Worker:
         self._max_inflight_bytes = config.max_inflight_bytes
         self._mailbox_limit = config.mailbox_limit
         self._keepalive = int(config.keepalive_s)
-        self._login_ok_flags = 0
         loaded = store.load_dedup(int(config.dedup_age_s * 1000))
         for key, ts in loaded:
             self.dedup.insert_key(key, DEDUP_DONE, ts)
@@ -263,6 +266,13 @@ class Worker:
 
     def adopt(self, sock: socket.socket, user: str, preamble: bytes) -> None:
         """Take over a client socket another worker logged in (see links.Handoff)."""
+        if user.startswith("\0"):
+            # Not a client: a replication link for this worker's stream.
+            if self.repl is not None:
+                self.repl.adopt(sock, preamble)
+            else:
+                sock.close()
+            return
         max_frame = self.config.max_frame
 
         def factory() -> Connection:
@@ -299,7 +309,7 @@ class Worker:
             (
                 P.LOGIN_OK,
                 P.PROTOCOL_VERSION,
-                self._login_ok_flags,
+                1 if self.repl is not None and self.repl.degraded else 0,
                 self.node_id,
                 self.config.max_frame,
             )
@@ -560,25 +570,26 @@ class Worker:
         if mb.uncommitted is None:
             mb.uncommitted = set()
         mb.uncommitted.add(seq)
-        self.store.put(
-            user,
-            seq,
-            sender,
-            msg_id,
-            ts,
-            body,
-            dedup_key(sender, msg_id),
-            self._stored_cb(user, seq, sender, msg_id),
+        cb = self._stored_cb(user, seq, sender, msg_id)
+        cb.lsn = self.store.put(  # type: ignore[attr-defined]
+            user, seq, sender, msg_id, ts, body, dedup_key(sender, msg_id), cb
         )
 
     def _stored_cb(self, user: str, seq: int, sender: str, msg_id: str) -> Callable[[], None]:
+        def replicated(flags: int) -> None:
+            self.dedup.mark_done(sender, msg_id)
+            self._complete(sender, msg_id, P.ACK_STORED | flags)
+
         def stored() -> None:
             self.stats.stored += 1
             mb = self.mailboxes.get(user)
             if mb is not None and mb.uncommitted is not None:
                 mb.uncommitted.discard(seq)
-            self.dedup.mark_done(sender, msg_id)
-            self._complete(sender, msg_id, P.ACK_STORED)
+            # Durable here; with a peer, the sender's ACK waits until it is durable there too.
+            if self.repl is not None and self.repl.origin is not None:
+                self.repl.origin.when_replicated(stored.lsn, replicated)  # type: ignore[attr-defined]
+            else:
+                replicated(0)
             if user in self.sessions:
                 self._schedule_pump(user)
             if self._paused_senders and self.store.queued < STORE_LOW_WATER:
@@ -657,13 +668,77 @@ class Worker:
             return
         # Never read past a seq whose put is still queued: a later message must not overtake it.
         limit = min(mb.uncommitted) if mb.uncommitted else None
-        for seq, sender, msg_id, ts, body in self.store.read(user, conn.cursor, room, mb.deleting):
+        skip = mb.deleting
+        inflight = conn.inflight
+        if inflight and inflight[-1][1][0] >= conn.cursor:
+            # The cursor went back for a replicated message older than what is in flight
+            # (apply_replicated): do not deliver the in-flight ones a second time.
+            skip = (skip or set()) | {rec[0] for _tag, rec in inflight}
+        for seq, sender, msg_id, ts, body in self.store.read(user, conn.cursor, room, skip):
             if limit is not None and seq >= limit:
                 break
             self._deliver(conn, (seq, sender, msg_id, ts, body, True))
             conn.cursor = seq + 1
             if conn.inflight_bytes >= self._max_inflight_bytes:
                 break
+
+    # ---- replication (the peer's records, see iris_fast.replication.replica) --------------------
+
+    def apply_replicated(
+        self, records: list[ReplRecord], last_lsn: int, done: Callable[[], None]
+    ) -> None:
+        """Apply records of the peer's stream for users homed here; ``done`` once durable."""
+        kept: list[ReplRecord] = []
+        dedup = self.dedup
+        for rec in records:
+            kind = rec[0]
+            if kind == N.REC_PUT:
+                _, user, seq, ts, sender, msg_id, _body = rec
+                if dedup.check_and_insert(sender, msg_id, ts):
+                    # This node already has the message (a client resent it here while the
+                    # peer's copy was on its way): one copy is enough.
+                    self.stats.repl_duplicates += 1
+                    continue
+                dedup.mark_done(sender, msg_id)
+                self.store.observe_seq(seq)
+                mb = self._mailbox(user)
+                mb.count += 1
+                if seq > mb.last_seq:
+                    mb.last_seq = seq
+                if mb.uncommitted is None:
+                    mb.uncommitted = set()
+                mb.uncommitted.add(seq)
+            elif kind == N.REC_DEDUP:
+                dedup.insert_key(rec[1], DEDUP_DONE, rec[2])
+            kept.append(rec)
+        self.store.apply(kept, last_lsn, lambda results: self._applied(kept, results, done))
+
+    def _applied(
+        self, records: list[ReplRecord], results: list[bool], done: Callable[[], None]
+    ) -> None:
+        for rec, changed in zip(records, results, strict=True):
+            kind = rec[0]
+            if kind == N.REC_DEDUP:
+                continue
+            user, seq = rec[1], rec[2]
+            mb = self.mailboxes.get(user)
+            if kind == N.REC_PUT:
+                if mb is not None:
+                    if mb.uncommitted is not None:
+                        mb.uncommitted.discard(seq)
+                    if not changed:
+                        mb.count -= 1
+                for conn in self._sessions_of(user):
+                    if seq < conn.cursor:
+                        conn.cursor = seq
+                if user in self.sessions:
+                    self._schedule_pump(user)
+            elif changed and mb is not None:
+                mb.count = max(mb.count - 1, 0)
+                if mb.idle() and user not in self.sessions:
+                    del self.mailboxes[user]
+        self.stats.repl_applied += len(records)
+        done()
 
     # ---- writes ----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import uvloop
 
 from iris_fast.config import ServerConfig
 from iris_fast.connection import Connection, monotonic
+from iris_fast.replication.replicator import Replicator
 from iris_fast.server.http import HttpEndpoint, json_route
 from iris_fast.server.links import Handoff, Links, socket_name
 from iris_fast.server.metrics import NodeMetrics, rss_bytes
@@ -70,9 +71,15 @@ async def run_worker(config: ServerConfig) -> int:
         map_size=config.lmdb_map_size,
         on_commit=metrics.on_commit,
         writer_id=config.worker_index,
+        node_id=config.node_id,
+        replicated=config.peer is not None,
     )
     worker = Worker(config, store, loop)
     metrics.attach(worker, started)
+    repl = None
+    if config.peer or config.repl_port:
+        repl = Replicator(config, worker, store)
+        worker.repl = repl
     links = handoff = None
     if config.workers > 1:
         links = Links(worker, config.data_dir, config.worker_index, config.workers)
@@ -89,6 +96,8 @@ async def run_worker(config: ServerConfig) -> int:
         reuse_port=True,
         backlog=4096,
     )
+    if repl is not None:
+        await repl.start()
 
     def health() -> dict:
         return {
@@ -101,6 +110,7 @@ async def run_worker(config: ServerConfig) -> int:
             "rss_bytes": rss_bytes(),
             "rss_baseline_bytes": metrics.rss_baseline,
             "links_up": len(links.out) if links else 0,
+            "replication": repl.health() if repl is not None else None,
         }
 
     routes = {
@@ -148,6 +158,9 @@ async def run_worker(config: ServerConfig) -> int:
     done = asyncio.Event()
     store.barrier(done.set)
     await asyncio.wait_for(done.wait(), timeout=30)
+    if repl is not None:
+        # What was stored while draining goes to the peer before we exit, if it is there.
+        await repl.close(config.shutdown_grace)
     if links is not None:
         links.close()
     if handoff is not None:

@@ -7,8 +7,17 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
   so a prefix scan yields a mailbox in arrival order.
 * ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> empty. Time-ordered so that
   pruning the window is a range delete from the front and reloading it is one scan.
-* ``meta``:  ``seq_hwm`` -> the highest ``seq`` handed out, so the counter survives restarts even
-  if the clock steps back.
+* ``meta``:  ``seq_hwm:<worker>`` -> the highest ``seq`` handed out, so the counter survives
+  restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
+  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here.
+* ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
+  encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
+  mailbox change it describes and trimmed once the peer has acknowledged it
+  (docs/replication.md).
+
+Sequence numbers are ``(counter << 8) | tag``: ``tag`` is one byte derived from the node id, so
+the two nodes of a pair never give two messages of one mailbox the same ``seq`` even while they
+cannot talk to each other.
 
 Why a thread: an fsync takes milliseconds, far too long to block the event loop. The loop only
 appends operations to a list; the writer takes *everything* queued, applies it in one write
@@ -24,9 +33,11 @@ import os
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
+import iris_native as N
 import lmdb
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,18 @@ LAZY_DELAY_S = 0.05
 
 # One stored message as handed back to the server: (seq, sender, msg_id, ts_ms, body).
 StoredMessage = tuple[int, str, str, int, bytes]
+
+# A replication record as the codec represents it: (REC_PUT, user, seq, ts_ms, sender, msg_id,
+# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms), and one with its log position.
+Record = tuple[Any, ...]
+LoggedRecord = tuple[int, Record]
+
+_LOG_MAX_FRAME = 1 << 24
+
+
+def seq_tag(node_id: str) -> int:
+    """The low byte of every ``seq`` a node hands out (docs/replication.md, "Sequence numbers")."""
+    return zlib.crc32(node_id.encode()) & 0xFF
 
 
 def mailbox_key(user: str, seq: int) -> bytes:
@@ -79,6 +102,8 @@ class MailboxStore:
         map_size: int = 1 << 30,
         on_commit: Callable[[int, float], None] | None = None,
         writer_id: int = 0,
+        node_id: str = "",
+        replicated: bool = False,
     ) -> None:
         os.makedirs(path, exist_ok=True)
         # sync=False: the writer decides per batch. A batch that stores messages is fsynced
@@ -87,16 +112,29 @@ class MailboxStore:
         # committed without fsync: the OS writes it back soon, a process crash cannot lose it,
         # and losing it to a power cut only means a redelivery the client deduplicates.
         self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=4, sync=False, metasync=False, writemap=False
+            path, map_size=map_size, max_dbs=300, sync=False, metasync=False, writemap=False
         )
         self._msgs = self.env.open_db(b"msgs")
         self._dedup = self.env.open_db(b"dedup")
         self._meta = self.env.open_db(b"meta")
+        self._rlog = self.env.open_db(b"rlog:%d" % writer_id)
+        self.writer_id = writer_id
         self._loop = loop
         self._on_commit = on_commit
         # Each worker process keeps its own high-water mark; a new counter starts above all of
         # them, so the worker that owns a mailbox after a change of --workers still counts up.
         self._hwm_key = _SEQ_HWM + b":%d" % writer_id
+        self._lsn_key = b"lsn:%d" % writer_id
+        self._applied_key = b"applied:%d" % writer_id
+        self._tag = seq_tag(node_id)
+        # Replication log (docs/replication.md): every mailbox change gets the next LSN of this
+        # worker's stream and is written to rlog in the same transaction as the change.
+        self.replicated = replicated
+        self.lsn = self._load_u64(self._lsn_key)
+        self.applied = self._load_u64(self._applied_key)
+        self._batch_records: list[LoggedRecord] = []
+        # Called on the loop with the records of each committed batch, in LSN order.
+        self.on_logged: Callable[[list[LoggedRecord]], None] | None = None
         self._lock = threading.Condition()
         self._ops: list[tuple[Any, ...]] = []
         self._callbacks: list[Callable[[], None]] = []
@@ -125,12 +163,23 @@ class MailboxStore:
                     stored = max(stored, _SEQ.unpack(raw)[0])
         # Microseconds since the epoch as a floor keeps seqs growing across restarts even if the
         # hwm write of the last batch was lost; the stored hwm covers a clock that stepped back.
-        return max(stored, int(time.time() * 1_000_000))
+        return max(stored, int(time.time() * 1_000_000) << 8)
+
+    def _load_u64(self, key: bytes) -> int:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(key)
+        return _SEQ.unpack(raw)[0] if raw else 0
 
     def next_seq(self) -> int:
-        """A node-wide, strictly increasing sequence number for a new message."""
-        self.seq_hwm += 1
+        """A strictly increasing sequence number for a new message, tagged with this node."""
+        self.seq_hwm = (((self.seq_hwm >> 8) + 1) << 8) | self._tag
         return self.seq_hwm
+
+    def observe_seq(self, seq: int) -> None:
+        """A seq the peer handed out: ours continue above it, so per-pair order survives a
+        sender moving from one node to the other."""
+        if seq > self.seq_hwm:
+            self.seq_hwm = seq
 
     # ---- reads (loop thread; LMDB readers never block the writer) ----------------------------
 
@@ -194,18 +243,70 @@ class MailboxStore:
         body: bytes,
         dedup_key: bytes | None,
         done: Callable[[], None] | None,
-    ) -> None:
-        """Queue a message; ``done`` runs on the loop once it is durable."""
-        op = ("put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key)
+    ) -> int:
+        """Queue a message; ``done`` runs on the loop once it is durable. Returns its LSN in
+        the replication log (0 when the node is not replicated)."""
+        lsn, log = self._log((N.REC_PUT, user, seq, ts_ms, sender, msg_id, body))
+        op = (
+            "put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key,
+            lsn, log,
+        )  # fmt: skip
         self._enqueue(op, done, durable=True)
+        return lsn
 
     def delete(self, user: str, seq: int, done: Callable[[], None] | None = None) -> None:
         """Queue the removal of an acknowledged message (committed, fsynced with the next put)."""
-        self._enqueue(("del", mailbox_key(user, seq)), done)
+        lsn, log = self._log((N.REC_DEL, user, seq))
+        self._enqueue(("del", mailbox_key(user, seq), lsn, log), done)
 
     def put_dedup(self, dedup_key: bytes, ts_ms: int) -> None:
         """Persist a dedup entry of a message that completed without being stored."""
-        self._enqueue(("dedup", _TS.pack(ts_ms) + dedup_key), None)
+        lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms))
+        self._enqueue(("dedup", _TS.pack(ts_ms) + dedup_key, lsn, log), None)
+
+    def _log(self, rec: Record) -> tuple[int, bytes | None]:
+        if not self.replicated:
+            return 0, None
+        self.lsn += 1
+        self._batch_records.append((self.lsn, rec))
+        return self.lsn, N.encode((N.REPL_APPEND, self.writer_id, self.lsn, (rec,)), _LOG_MAX_FRAME)
+
+    def apply(
+        self, records: list[Record], last_lsn: int, done: Callable[[list[bool]], None]
+    ) -> None:
+        """Queue records replicated from the peer's stream up to ``last_lsn`` (not logged here:
+        they are the peer's). ``done(results)`` runs once they and the new applied LSN are
+        durable; ``results[i]`` says whether record i changed anything (a PUT that was new, a
+        DEL that found its message)."""
+        results: list[bool] = []
+        self._enqueue(("apply", records, last_lsn, results), lambda: done(results), durable=True)
+
+    def trim_log(self, upto_lsn: int) -> None:
+        """Drop log records up to ``upto_lsn``: the peer has them durably."""
+        self._enqueue(("trim", _SEQ.pack(upto_lsn)), None)
+
+    def read_log(self, from_lsn: int, limit: int, max_bytes: int) -> list[LoggedRecord]:
+        """Committed log records with LSN >= ``from_lsn``, in order (catch-up reads)."""
+        chunks: list[bytes] = []
+        size = 0
+        with self.env.begin(db=self._rlog, buffers=False) as txn:
+            cur = txn.cursor()
+            if cur.set_range(_SEQ.pack(from_lsn)):
+                for raw in cur.iternext(keys=False, values=True):
+                    chunks.append(raw)
+                    size += len(raw)
+                    if len(chunks) >= limit or size >= max_bytes:
+                        break
+        if not chunks:
+            return []
+        dec = N.Decoder(_LOG_MAX_FRAME, repl=True)
+        return [(f[2], f[3][0]) for f in dec.feed(b"".join(chunks))]
+
+    def log_first(self) -> int:
+        """LSN of the oldest record still in the log (0 if empty)."""
+        with self.env.begin(db=self._rlog) as txn:
+            cur = txn.cursor()
+            return _SEQ.unpack(cur.key())[0] if cur.first() else 0
 
     def prune_dedup(self, older_than_ms: int) -> None:
         """Drop persisted dedup entries older than ``older_than_ms`` (epoch ms)."""
@@ -251,6 +352,13 @@ class MailboxStore:
             return
         ops, self._batch = self._batch, []
         callbacks, self._batch_callbacks = self._batch_callbacks, []
+        if self._batch_records:
+            # Runs first among this batch's completions: the records go to the peer before
+            # anyone waits for the peer's acknowledgement of them.
+            records, self._batch_records = self._batch_records, []
+            if self.on_logged is not None:
+                on_logged = self.on_logged
+                callbacks.insert(0, lambda: on_logged(records))
         durable, self._batch_durable = self._batch_durable, False
         with self._lock:
             self._need_sync = self._need_sync or durable
@@ -300,24 +408,60 @@ class MailboxStore:
     def _apply(self, ops: list[tuple[Any, ...]]) -> None:
         if not ops:
             return
+        msgs, dedup, rlog = self._msgs, self._dedup, self._rlog
+        last_lsn = 0
         with self.env.begin(write=True) as txn:
             for op in ops:
                 kind = op[0]
                 if kind == "put":
-                    txn.put(op[1], op[2], db=self._msgs)
+                    txn.put(op[1], op[2], db=msgs)
                     if op[3] is not None:
-                        txn.put(_TS.pack(int(time.time() * 1000)) + op[3], b"", db=self._dedup)
+                        txn.put(_TS.pack(int(time.time() * 1000)) + op[3], b"", db=dedup)
                 elif kind == "del":
-                    txn.delete(op[1], db=self._msgs)
+                    txn.delete(op[1], db=msgs)
                 elif kind == "dedup":
-                    txn.put(op[1], b"", db=self._dedup)
+                    txn.put(op[1], b"", db=dedup)
+                elif kind == "apply":
+                    op[3][:] = [self._apply_record(txn, rec) for rec in op[1]]
+                    txn.put(self._applied_key, _SEQ.pack(op[2]), db=self._meta)
+                    continue
+                elif kind == "trim":
+                    cur = txn.cursor(db=rlog)
+                    if cur.first():
+                        while cur.key() <= op[1]:
+                            if not cur.delete():
+                                break
+                    continue
                 elif kind == "prune":
-                    cur = txn.cursor(db=self._dedup)
+                    cur = txn.cursor(db=dedup)
                     if cur.first():
                         while cur.key() < op[1]:
                             if not cur.delete():
                                 break
+                    continue
+                lsn = op[-2]
+                if lsn:
+                    txn.put(_SEQ.pack(lsn), op[-1], db=rlog)
+                    last_lsn = lsn
             txn.put(self._hwm_key, _SEQ.pack(self.seq_hwm), db=self._meta)
+            if last_lsn:
+                txn.put(self._lsn_key, _SEQ.pack(last_lsn), db=self._meta)
+
+    def _apply_record(self, txn: lmdb.Transaction, rec: Record) -> bool:
+        kind = rec[0]
+        if kind == N.REC_PUT:
+            _, user, seq, ts_ms, sender, msg_id, body = rec
+            new = txn.put(
+                mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body),
+                overwrite=False, db=self._msgs,
+            )  # fmt: skip
+            if new:
+                txn.put(_TS.pack(ts_ms) + N.dedup_key(sender, msg_id), b"", db=self._dedup)
+            return bool(new)
+        if kind == N.REC_DEL:
+            return bool(txn.delete(mailbox_key(rec[1], rec[2]), db=self._msgs))
+        txn.put(_TS.pack(rec[2]) + rec[1], b"", db=self._dedup)
+        return True
 
     def close(self) -> None:
         """Flush, stop the writer and close the environment (loop thread)."""

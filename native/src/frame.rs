@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::repl::{self, Record, Records, StreamLsns};
 pub use crate::repl::{
-    is_repl_type, REPL_ACK, REPL_APPEND, REPL_HEARTBEAT, REPL_HELLO, REPL_VERSION,
+    is_repl_type, HELLO_SPLIT, REPL_ACK, REPL_APPEND, REPL_HEARTBEAT, REPL_HELLO, REPL_VERSION,
 };
 
 pub const LOGIN: u8 = 0x01;
@@ -120,6 +120,8 @@ pub enum Frame {
         version: u8,
         node: String,
         epoch: u64,
+        workers: u16,
+        flags: u8,
         applied: Vec<(u16, u64)>,
     },
     ReplAppend {
@@ -211,6 +213,8 @@ pub enum FrameRef<'a> {
         version: u8,
         node: &'a str,
         epoch: u64,
+        workers: u16,
+        flags: u8,
         applied: StreamLsns<'a>,
     },
     ReplAppend {
@@ -325,11 +329,15 @@ impl Frame {
                 version,
                 node,
                 epoch,
+                workers,
+                flags,
                 applied,
             } => FrameRef::ReplHello {
                 version: *version,
                 node,
                 epoch: *epoch,
+                workers: *workers,
+                flags: *flags,
                 applied: StreamLsns::Slice(applied),
             },
             Frame::ReplAppend {
@@ -472,11 +480,15 @@ impl FrameRef<'_> {
                 version,
                 node,
                 epoch,
+                workers,
+                flags,
                 applied,
             } => Frame::ReplHello {
                 version,
                 node: node.to_owned(),
                 epoch,
+                workers,
+                flags,
                 applied: applied.to_vec(),
             },
             FrameRef::ReplAppend {

@@ -102,8 +102,19 @@ fn frame_to_py<'py>(py: Python<'py>, f: &FrameRef<'_>) -> PyResult<Bound<'py, Py
             version,
             node,
             epoch,
+            workers,
+            flags,
             applied,
-        } => (REPL_HELLO, version, node, epoch, lsns_to_py(py, applied)?).into_pyobject(py),
+        } => (
+            REPL_HELLO,
+            version,
+            node,
+            epoch,
+            workers,
+            flags,
+            lsns_to_py(py, applied)?,
+        )
+            .into_pyobject(py),
         FrameRef::ReplAppend {
             stream,
             first_lsn,
@@ -282,11 +293,15 @@ impl Parsed<'_> {
                 version,
                 node,
                 epoch,
+                workers,
+                flags,
                 ..
             } => FrameRef::ReplHello {
                 version,
                 node,
                 epoch,
+                workers,
+                flags,
                 applied: StreamLsns::Slice(&self.lsns),
             },
             FrameRef::ReplHeartbeat { ts_ms, .. } => FrameRef::ReplHeartbeat {
@@ -405,7 +420,7 @@ fn frame_from_py<'a>(held: &'a Held<'_>) -> PyResult<Parsed<'a>> {
         ROUTE_ACK => ("ROUTE_ACK", 4),
         ROUTE_ERROR => ("ROUTE_ERROR", 5),
         LINK_HELLO => ("LINK_HELLO", 4),
-        REPL_HELLO => ("REPL_HELLO", 5),
+        REPL_HELLO => ("REPL_HELLO", 7),
         REPL_APPEND => ("REPL_APPEND", 4),
         REPL_ACK => ("REPL_ACK", 3),
         REPL_HEARTBEAT => ("REPL_HEARTBEAT", 3),
@@ -494,9 +509,11 @@ fn frame_from_py<'a>(held: &'a Held<'_>) -> PyResult<Parsed<'a>> {
                 version: f.int(1, "version", U8)?,
                 node: f.str(2, "node")?,
                 epoch: f.int(3, "epoch", U64)?,
+                workers: f.int(4, "workers", U16)?,
+                flags: f.int(5, "flags", U8)?,
                 applied: StreamLsns::Slice(&[]),
             };
-            lsns = f.lsns(4, "applied")?;
+            lsns = f.lsns(6, "applied")?;
             frame
         }
         REPL_APPEND => {
@@ -849,7 +866,7 @@ impl PyDedupWindow {
 /// (ROUTE_ACK, user, msg_id, flags), (ROUTE_ERROR, user, code, msg_id, reason),
 /// (LINK_HELLO, worker, pid, epoch);
 /// replication links only (`Decoder(repl=True)`, see docs/replication.md):
-/// (REPL_HELLO, version, node, epoch, [(stream, applied), ...]),
+/// (REPL_HELLO, version, node, epoch, workers, flags, [(stream, lsn), ...]),
 /// (REPL_APPEND, stream, first_lsn, [record, ...]), (REPL_ACK, stream, lsn),
 /// (REPL_HEARTBEAT, ts_ms, [(stream, last_lsn), ...]) with records
 /// (REC_PUT, user, seq, ts_ms, sender, msg_id, body), (REC_DEL, user, seq),
@@ -882,6 +899,7 @@ fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("REPL_ACK", repl::REPL_ACK),
         ("REPL_HEARTBEAT", repl::REPL_HEARTBEAT),
         ("REPL_VERSION", repl::REPL_VERSION),
+        ("HELLO_SPLIT", repl::HELLO_SPLIT),
         ("REC_PUT", repl::REC_PUT),
         ("REC_DEL", repl::REC_DEL),
         ("REC_DEDUP", repl::REC_DEDUP),

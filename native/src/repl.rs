@@ -15,6 +15,11 @@ pub const REPL_HEARTBEAT: u8 = 0x64;
 /// Replication protocol version carried by `REPL_HELLO`.
 pub const REPL_VERSION: u8 = 1;
 
+/// `REPL_HELLO.flags` bit 0: the sending node accepted writes in degraded
+/// mode since its last healthy link. Other bits are reserved and ignored by
+/// receivers.
+pub const HELLO_SPLIT: u8 = 1;
+
 pub const REC_PUT: u8 = 1;
 pub const REC_DEL: u8 = 2;
 pub const REC_DEDUP: u8 = 3;
@@ -404,6 +409,8 @@ pub(crate) fn parse_repl<'a>(r: &mut Reader<'a>) -> Result<FrameRef<'a>, DecodeE
             version: r.u8("version")?,
             node: r.str8("node")?,
             epoch: r.u64("epoch")?,
+            workers: r.u16("workers")?,
+            flags: r.u8("flags")?,
             applied: read_stream_lsns(r, "applied")?,
         },
         REPL_APPEND => {
@@ -459,7 +466,12 @@ pub(crate) fn repl_payload_len(frame: &FrameRef<'_>) -> Result<usize, EncodeErro
     Ok(match *frame {
         FrameRef::ReplHello { node, applied, .. } => {
             check_count(f, "applied", applied.len(), u16::MAX as usize)?;
-            1 + check_str(f, "node", node, STR8_MAX)? + 8 + 2 + applied.len() * STREAM_LSN_LEN
+            1 + check_str(f, "node", node, STR8_MAX)?
+                + 8
+                + 2
+                + 1
+                + 2
+                + applied.len() * STREAM_LSN_LEN
         }
         FrameRef::ReplAppend { records, .. } => {
             check_count(f, "records", records.len(), u32::MAX as usize)?;
@@ -491,11 +503,15 @@ pub(crate) fn write_repl(frame: &FrameRef<'_>, w: &mut Writer<'_>) {
             version,
             node,
             epoch,
+            workers,
+            flags,
             applied,
         } => {
             w.u8(version);
             w.str8(node);
             w.bytes(&epoch.to_be_bytes());
+            w.bytes(&workers.to_be_bytes());
+            w.u8(flags);
             write_stream_lsns(w, applied);
         }
         FrameRef::ReplAppend {
@@ -549,12 +565,16 @@ mod tests {
                 version: REPL_VERSION,
                 node: "node-a".into(),
                 epoch: 0x0102_0304_0506_0708,
+                workers: 0xfffe,
+                flags: HELLO_SPLIT,
                 applied: vec![(0, 5), (1, 0), (0xffff, u64::MAX)],
             },
             Frame::ReplHello {
                 version: 9,
                 node: "".into(),
                 epoch: 0,
+                workers: 0,
+                flags: 0xff,
                 applied: vec![],
             },
             Frame::ReplAppend {
@@ -621,6 +641,7 @@ mod tests {
             (0x61, 0x62, 0x63, 0x64)
         );
         assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 1));
+        assert_eq!(HELLO_SPLIT, 1);
         assert!((0..=255u8).filter(|t| is_repl_type(*t)).eq(0x61..=0x64));
         assert!(std::mem::size_of::<Decoder>() <= 32);
         assert!(Decoder::new_repl(10).repl());
@@ -635,15 +656,42 @@ mod tests {
             version: 1,
             node: "ab".into(),
             epoch: 0x0102,
+            workers: 0x0809,
+            flags: HELLO_SPLIT,
             applied: vec![(0x0304, 0x05), (6, 7)],
         };
         let mut want = vec![
-            0, 0, 0, 35, REPL_HELLO, 1, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2,
+            0, 0, 0, 38, REPL_HELLO, 1, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2, 8, 9, 1,
         ];
         want.extend([
             0, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 5, 0, 6, 0, 0, 0, 0, 0, 0, 0, 7,
         ]);
         assert_eq!(enc(&f), want);
+    }
+
+    #[test]
+    fn hello_workers_and_flags_fields() {
+        // version, node "n", epoch, workers: the flags byte is missing.
+        let mut p = vec![1, 1, b'n', 0, 0, 0, 0, 0, 0, 0, 9, 0, 4];
+        let e = single_error(&raw(REPL_HELLO, &p));
+        assert_eq!(e.code, E_BAD_FRAME);
+        assert_eq!(
+            e.reason,
+            "REPL_HELLO payload truncated in field flags: needs 1 bytes, 0 left"
+        );
+        let e = single_error(&raw(REPL_HELLO, &p[..12]));
+        assert!(e.reason.contains("field workers"), "{}", e.reason);
+        // Reserved flag bits decode unchanged (receivers ignore them).
+        p.extend([0xfe, 0, 0]);
+        let want = Frame::ReplHello {
+            version: 1,
+            node: "n".into(),
+            epoch: 9,
+            workers: 4,
+            flags: 0xfe,
+            applied: vec![],
+        };
+        assert_eq!(decode_repl(&raw(REPL_HELLO, &p)), vec![Ok(want)]);
     }
 
     #[test]
@@ -879,7 +927,8 @@ mod tests {
         hb.extend([0; 20]);
         let e = single_error(&raw(REPL_HEARTBEAT, &hb));
         assert!(e.reason.contains("10 trailing bytes"), "{}", e.reason);
-        let mut hello = vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        // version, node "", epoch, workers, flags, count 1.
+        let mut hello = vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         hello.extend([0; 9]);
         let e = single_error(&raw(REPL_HELLO, &hello));
         assert!(e.reason.contains("field applied"), "{}", e.reason);
@@ -925,6 +974,8 @@ mod tests {
                     version: 1,
                     node: bad.into(),
                     epoch: 1,
+                    workers: 4,
+                    flags: 0,
                     applied: vec![(1, 1)],
                 },
                 "node",
@@ -983,6 +1034,8 @@ mod tests {
             version: 1,
             node: "n".into(),
             epoch: 1,
+            workers: 1,
+            flags: 0,
             applied: vec![(0, 0); 65536],
         };
         let e = encode(&f.as_ref(), MAX).unwrap_err();

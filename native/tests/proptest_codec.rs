@@ -82,14 +82,24 @@ fn stream_lsns() -> impl Strategy<Value = Vec<(u16, u64)>> {
 /// Replication-link frames: REPL_HELLO, REPL_APPEND, REPL_ACK, REPL_HEARTBEAT.
 fn repl_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u8>(), str8(), any::<u64>(), stream_lsns()).prop_map(
-            |(version, node, epoch, applied)| Frame::ReplHello {
-                version,
-                node,
-                epoch,
-                applied
-            }
-        ),
+        (
+            any::<u8>(),
+            str8(),
+            any::<u64>(),
+            any::<u16>(),
+            any::<u8>(),
+            stream_lsns()
+        )
+            .prop_map(
+                |(version, node, epoch, workers, flags, applied)| Frame::ReplHello {
+                    version,
+                    node,
+                    epoch,
+                    workers,
+                    flags,
+                    applied
+                }
+            ),
         (any::<u16>(), any::<u64>(), vec(record(), 0..12)).prop_map(
             |(stream, first_lsn, records)| Frame::ReplAppend {
                 stream,

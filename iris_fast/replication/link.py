@@ -1,0 +1,97 @@
+"""One TCP replication link: frames in to its owner, frames out batched once per loop tick."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any, Protocol
+
+import iris_native as N
+
+log = logging.getLogger(__name__)
+
+# One REPL_APPEND carries a whole group commit, or a catch-up chunk.
+REPL_MAX_FRAME = 1 << 24
+
+
+class LinkOwner(Protocol):
+    def on_frame(self, link: ReplLink, frame: tuple) -> None: ...
+    def link_lost(self, link: ReplLink) -> None: ...
+
+
+class ReplLink(asyncio.Protocol):
+    """Either end of a replication link. ``owner`` may change once the HELLO says what the
+    link carries (an accepted link is handed to the replica of the announced stream)."""
+
+    def __init__(self, owner: Any, preamble: bytes = b"", keep_raw: bool = False) -> None:
+        self.owner = owner
+        self.decoder = N.Decoder(REPL_MAX_FRAME, repl=True)
+        self.transport: asyncio.Transport | None = None
+        self.last_rx = time.monotonic()
+        self.opened = self.last_rx
+        self.ready = False  # HELLOs exchanged
+        # Bytes received before the HELLO was handled: they travel with a hand-off.
+        self.raw: bytearray | None = bytearray() if keep_raw else None
+        self._preamble = preamble
+        self._out: list[tuple] | None = None
+        self._scheduled = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if self._preamble:
+            data, self._preamble = self._preamble, b""
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        if self.raw is not None:
+            self.raw += data
+        for f in self.decoder.feed(data):
+            if self.transport is None:
+                return
+            if f[0] == N.DECODE_ERROR:
+                log.error("replication link: bad frame from %s: %s", self.peername(), f[2])
+                self.close()
+                return
+            self.owner.on_frame(self, f)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._out = None
+        self.owner.link_lost(self)
+
+    def peername(self) -> str:
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def send(self, frame: tuple) -> None:
+        if self.transport is None:
+            return
+        if self._out is None:
+            self._out = [frame]
+        else:
+            self._out.append(frame)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        out, self._out = self._out, None
+        if out and self.transport is not None:
+            self.transport.write(N.encode_batch(out, REPL_MAX_FRAME))
+
+    def close(self) -> None:
+        """Close now; unsent frames are dropped (the peer's HELLO says where to resume)."""
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,338 @@
+"""The origin side of one worker's replication stream: log out, acks back, degraded mode.
+
+Every mailbox change of the worker is logged with the next LSN of its stream (storage does that
+in the same transaction as the change). Once committed locally the records go to the peer in
+``REPL_APPEND`` frames, straight from memory in the steady state, from the LMDB log while
+catching up. A client's ``ACK`` for a stored message waits for the peer's ``REPL_ACK`` covering
+the message's record: that is the synchronous replication of DESIGN.md. Without a healthy link
+(the peer is down, or it is still catching up) ACKs go out after the local commit with the
+``ACK_DEGRADED`` flag, and the log keeps everything until the peer has acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import iris_native as N
+
+from iris_fast import protocol as P
+from iris_fast.replication.link import ReplLink
+from iris_fast.storage.mailbox import LoggedRecord, MailboxStore, seq_tag
+
+if TYPE_CHECKING:
+    from iris_fast.replication.replicator import Replicator
+
+log = logging.getLogger(__name__)
+
+# Records per REPL_APPEND, bytes per catch-up read, records sent but not yet acknowledged.
+BATCH_RECORDS = 2000
+BATCH_BYTES = 4 << 20
+WINDOW_RECORDS = 20_000
+# Records kept in memory for sending while the link is up; beyond, they are read back from LMDB.
+UNSENT_CAP = 50_000
+CONNECT_TIMEOUT_S = 1.0
+REDIAL_S = 0.2
+
+
+class OriginStream:
+    """This worker's stream going to the peer."""
+
+    def __init__(self, repl: Replicator, store: MailboxStore) -> None:
+        self.repl = repl
+        self.store = store
+        self.index = repl.index
+        self.committed = store.lsn  # every logged record is committed when we start
+        self.sent = 0
+        self.acked = 0
+        self.peer_applied = 0  # from the peer's heartbeats
+        self.link: ReplLink | None = None  # ready (HELLOs exchanged)
+        self._pending: ReplLink | None = None  # connected, HELLO not answered yet
+        self.unsent: deque[LoggedRecord] = deque()
+        self.waiters: deque[tuple[int, Callable[[int], None]]] = deque()
+        self.commits: deque[tuple[int, float]] = deque()  # (last lsn, monotonic) per batch
+        self.catching_up = False
+        self.catchup_target = 0
+        self.catchup_started = 0.0
+        self._progress_at = 0
+        # Set while records are logged with no link: the peer cannot have them; both sides
+        # having such records when the link heals is a split brain (see replica.py).
+        self.wrote_while_apart = False
+        self.records_sent = 0
+        self.appends_sent = 0
+        self.degraded_acks = 0
+        self.peer_losses = 0
+        self.catchup_records = 0
+        self._closed = False
+        self._task: asyncio.Task | None = None
+        store.on_logged = self.on_logged
+
+    # ---- state ------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """The peer is up and has everything but what is in flight: ACKs wait for it."""
+        return self.link is not None and not self.catching_up
+
+    def lag_records(self) -> int:
+        return max(self.committed - self.acked, 0)
+
+    def lag_ms(self) -> float:
+        for lsn, at in self.commits:
+            if lsn > self.acked:
+                return (time.monotonic() - at) * 1000.0
+        return 0.0
+
+    # ---- dialing ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dial_loop())
+
+    async def _dial_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.repl.peer
+        while not self._closed:
+            if self.link is None and self._pending is None:
+                try:
+                    _, link = await asyncio.wait_for(
+                        loop.create_connection(lambda: ReplLink(self), host, port),
+                        CONNECT_TIMEOUT_S,
+                    )
+                except (TimeoutError, OSError):
+                    link = None
+                # The peer may have closed it before create_connection returned (a hand-off
+                # to a worker that is still starting): then connection_lost already ran.
+                if link is not None and link.transport is not None and not self._closed:
+                    self._pending = link
+                    flags = N.HELLO_SPLIT if self.wrote_while_apart else 0
+                    link.send(
+                        (N.REPL_HELLO, N.REPL_VERSION, self.repl.node_id, self.repl.epoch,
+                         self.repl.workers, flags, [(self.index, self.committed)])
+                    )  # fmt: skip
+            await asyncio.sleep(REDIAL_S)
+
+    # ---- frames from the peer ---------------------------------------------------------------
+
+    def on_frame(self, link: ReplLink, f: tuple) -> None:
+        t = f[0]
+        if t == N.REPL_ACK:
+            if link is self.link and f[1] == self.index:
+                self.on_ack(f[2])
+        elif t == N.REPL_HEARTBEAT:
+            for stream, lsn in f[2]:
+                if stream == self.index:
+                    self.peer_applied = lsn
+        elif t == N.REPL_HELLO and link is self._pending:
+            self._on_hello(link, f)
+        else:
+            log.error("replication: unexpected frame 0x%02x from the peer; closing", t)
+            link.close()
+
+    def _on_hello(self, link: ReplLink, f: tuple) -> None:
+        _, version, node, epoch, workers, _flags, entries = f
+        problem = self.repl.check_peer(version, node, workers)
+        if problem is None and (len(entries) != 1 or entries[0][0] != self.index):
+            problem = f"answer names streams {entries}, expected [{self.index}]"
+        if problem is not None:
+            self.repl.refuse(link, problem)
+            return
+        self._pending = None
+        applied = entries[0][1]
+        if applied > self.committed:
+            # The peer holds records we no longer have (our disk lost unsynced commits, or it
+            # is a peer of a previous life of this node): continue after them, never reuse LSNs.
+            log.warning(
+                "peer %s has applied LSN %d of stream %d, beyond our log's %d; continuing from it",
+                node, applied, self.index, self.committed,
+            )  # fmt: skip
+            self.store.lsn = max(self.store.lsn, applied)
+            self.committed = applied
+        self.link = link
+        link.ready = True
+        self.repl.peer_node = node
+        self.repl.peer_epoch = epoch
+        self.sent = applied
+        self.unsent.clear()
+        self.catching_up = self.committed > applied
+        self.catchup_target = self.committed
+        self.catchup_started = time.monotonic()
+        if self.catching_up:
+            log.info(
+                "replication stream %d: peer %s up, catching it up on %d records (LSN %d..%d)",
+                self.index, node, self.committed - applied, applied + 1, self.committed,
+            )  # fmt: skip
+        else:
+            log.info("replication stream %d: peer %s up, in sync at LSN %d", self.index, node,
+                     applied)  # fmt: skip
+        self.on_ack(applied)
+        self.repl.link_state_changed()
+        self.pump()
+
+    def on_ack(self, lsn: int) -> None:
+        if lsn > self.acked:
+            if self.catching_up:
+                self.catchup_records += lsn - self.acked
+            self.acked = lsn
+            self.store.trim_log(lsn)
+        waiters = self.waiters
+        while waiters and waiters[0][0] <= self.acked:
+            waiters.popleft()[1](0)
+        commits = self.commits
+        while commits and commits[0][0] <= self.acked:
+            commits.popleft()
+        if self.catching_up:
+            if self.acked >= self.catchup_target:
+                took = time.monotonic() - self.catchup_started
+                log.info(
+                    "replication stream %d: catch-up complete (LSN %d) in %.2f s; pair healthy",
+                    self.index, self.acked, took,
+                )  # fmt: skip
+                self.catching_up = False
+                self.repl.link_state_changed()
+            elif self.acked - self._progress_at >= 10_000:
+                self._progress_at = self.acked
+                log.info(
+                    "replication stream %d: catch-up at LSN %d of %d",
+                    self.index, self.acked, self.catchup_target,
+                )  # fmt: skip
+        self.pump()
+
+    def link_lost(self, link: ReplLink) -> None:
+        if link is self._pending:
+            self._pending = None
+            return
+        if link is not self.link:
+            return
+        self.link = None
+        if self.committed > self.acked:
+            # These records now exist on this side only, like writes made while apart.
+            self.wrote_while_apart = True
+        self.unsent.clear()
+        self.sent = self.acked
+        self.catching_up = False
+        self.peer_losses += 1
+        if not self._closed:
+            log.warning(
+                "replication stream %d: peer lost; running degraded (%d records not yet on it)",
+                self.index, self.lag_records(),
+            )  # fmt: skip
+        # What waited for the peer is durable here and stays in the log: ACK it degraded.
+        waiters, self.waiters = self.waiters, deque()
+        self.degraded_acks += len(waiters)
+        for _lsn, cb in waiters:
+            cb(P.ACK_DEGRADED)
+        self.repl.link_state_changed()
+
+    # ---- records out ------------------------------------------------------------------------
+
+    def on_logged(self, records: list[LoggedRecord]) -> None:
+        """Storage committed a batch (called on the loop, in LSN order)."""
+        self.committed = records[-1][0]
+        self.commits.append((self.committed, time.monotonic()))
+        if len(self.commits) > 100_000:
+            self.commits.popleft()
+        if self.link is None:
+            self.wrote_while_apart = True
+            return
+        if len(self.unsent) < UNSENT_CAP:
+            self.unsent.extend(records)
+        self.pump()
+
+    def pump(self) -> None:
+        """Send what the peer lacks, within the window."""
+        link = self.link
+        if link is None:
+            return
+        unsent = self.unsent
+        while self.sent < self.committed and self.sent - self.acked < WINDOW_RECORDS:
+            while unsent and unsent[0][0] <= self.sent:
+                unsent.popleft()
+            first = self.sent + 1
+            if unsent and unsent[0][0] == first:
+                batch = []
+                nxt = first
+                while unsent and unsent[0][0] == nxt and len(batch) < BATCH_RECORDS:
+                    batch.append(unsent.popleft()[1])
+                    nxt += 1
+            else:
+                upto = unsent[0][0] - 1 if unsent else self.committed
+                logged = self.store.read_log(first, min(BATCH_RECORDS, upto - self.sent),
+                                             BATCH_BYTES)  # fmt: skip
+                if not logged or logged[0][0] != first:
+                    log.error(
+                        "replication stream %d: LSN %d is not in the log (it starts at %d); "
+                        "the peer needs a full copy of the data directory",
+                        self.index, first, logged[0][0] if logged else self.store.log_first(),
+                    )  # fmt: skip
+                    link.close()
+                    return
+                batch = [rec for _lsn, rec in logged]
+            link.send((N.REPL_APPEND, self.index, first, batch))
+            self.sent = first + len(batch) - 1
+            self.records_sent += len(batch)
+            self.appends_sent += 1
+
+    def when_replicated(self, lsn: int, cb: Callable[[int], None]) -> None:
+        """Run ``cb(flags)`` once record ``lsn`` (committed here) is durable on the peer:
+        ``flags`` is 0, or ``ACK_DEGRADED`` if the peer is not there to wait for."""
+        if lsn <= self.acked:
+            cb(0)
+        elif self.healthy:
+            self.waiters.append((lsn, cb))
+        else:
+            self.degraded_acks += 1
+            cb(P.ACK_DEGRADED)
+
+    # ---- liveness ---------------------------------------------------------------------------
+
+    def tick(self, now: float, timeout: float, beat: bool) -> None:
+        for link in (self.link, self._pending):
+            if link is not None and link.transport is None:
+                self.link_lost(link)
+            elif link is not None and now - link.last_rx > timeout:
+                log.warning(
+                    "replication stream %d: nothing from the peer for %.1f s; dropping the link",
+                    self.index, now - link.last_rx,
+                )  # fmt: skip
+                link.close()
+        if beat and self.link is not None:
+            self.link.send((N.REPL_HEARTBEAT, int(time.time() * 1000),
+                            [(self.index, self.committed)]))  # fmt: skip
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        for link in (self.link, self._pending):
+            if link is not None:
+                link.flush()
+                link.close()
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait (SIGTERM) until the peer has every committed record, up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.link is not None and self.acked < self.committed:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return self.acked >= self.committed
+
+
+def peer_problem(own_node: str, own_workers: int, version: int, node: str, workers: int
+                 ) -> str | None:  # fmt: skip
+    """Why a peer's HELLO cannot be accepted (None: it can)."""
+    if version != N.REPL_VERSION:
+        return f"replication protocol version {version}; this node speaks {N.REPL_VERSION}"
+    if node == own_node:
+        return f"the peer has our node id {node!r}; give each node its own --node-id"
+    if workers != own_workers:
+        return (f"the peer runs {workers} workers and this node {own_workers}; a pair needs "
+                "the same --workers on both nodes")  # fmt: skip
+    if seq_tag(node) == seq_tag(own_node):
+        return (f"node ids {own_node!r} and {node!r} map to the same sequence tag; rename one "
+                "(docs/replication.md, Sequence numbers)")  # fmt: skip
+    return None

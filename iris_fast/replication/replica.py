@@ -1,0 +1,141 @@
+"""The receiving side of the peer's stream for this worker: apply, then acknowledge.
+
+A ``REPL_APPEND`` is applied in one LMDB transaction with one fsync (the group commit of the
+peer becomes one group commit here), together with the new applied LSN; only then does
+``REPL_ACK`` go back. Records at or below what was already received are skipped, so a resend
+after a reconnect is harmless; a gap closes the link (the peer's next HELLO says where to
+resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import iris_native as N
+
+from iris_fast.replication.link import ReplLink
+
+if TYPE_CHECKING:
+    from iris_fast.replication.replicator import Replicator
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaStream:
+    """The peer's stream with this worker's index, applied to this node's storage."""
+
+    def __init__(self, repl: Replicator) -> None:
+        self.repl = repl
+        self.index = repl.index
+        self.applied = repl.store.applied  # durable
+        self.received = self.applied  # queued for applying
+        self.peer_last = 0  # the peer's last LSN, from its HELLO and heartbeats
+        self.link: ReplLink | None = None
+        self.records_applied = 0
+        self.appends_applied = 0
+        self.split_brains = 0
+
+    def lag_records(self) -> int:
+        return max(self.peer_last - self.applied, 0)
+
+    def on_hello(self, link: ReplLink, f: tuple) -> None:
+        """An accepted link announced our stream: it becomes the one we apply from."""
+        _, _version, node, epoch, _workers, flags, entries = f
+        old = self.link
+        self.link = link
+        link.owner = self
+        link.ready = True
+        link.raw = None
+        if old is not None and old is not link:
+            log.info("replication: peer %s reconnected stream %d; dropping the old link",
+                     node, self.index)  # fmt: skip
+            old.close()
+        self.peer_last = max(entries[0][1], self.peer_last)
+        origin = self.repl.origin
+        if flags & N.HELLO_SPLIT and origin is not None and origin.wrote_while_apart:
+            self.split_brains += 1
+            log.warning(
+                "SPLIT BRAIN on stream %d: %s and this node both accepted writes while cut off "
+                "from each other; merging (theirs from LSN %d, ours from LSN %d)",
+                self.index, node, self.applied + 1, origin.acked + 1,
+            )  # fmt: skip
+        self.repl.peer_node = node
+        self.repl.peer_epoch = epoch
+        link.send(
+            (N.REPL_HELLO, N.REPL_VERSION, self.repl.node_id, self.repl.epoch, self.repl.workers,
+             N.HELLO_SPLIT if origin is not None and origin.wrote_while_apart else 0,
+             [(self.index, self.applied)])
+        )  # fmt: skip
+        log.info("replication stream %d: applying from peer %s after LSN %d (it has %d)",
+                 self.index, node, self.applied, self.peer_last)  # fmt: skip
+        self.repl.link_state_changed()
+
+    def on_frame(self, link: ReplLink, f: tuple) -> None:
+        if link is not self.link:
+            link.close()
+            return
+        t = f[0]
+        if t == N.REPL_APPEND:
+            self._on_append(link, f[1], f[2], f[3])
+        elif t == N.REPL_HEARTBEAT:
+            for stream, lsn in f[2]:
+                if stream == self.index:
+                    self.peer_last = max(self.peer_last, lsn)
+        else:
+            log.error("replication: unexpected frame 0x%02x on an applying link; closing", t)
+            link.close()
+
+    def _on_append(self, link: ReplLink, stream: int, first: int, records: list) -> None:
+        if stream != self.index:
+            log.error("replication: APPEND of stream %d on the link of stream %d", stream,
+                      self.index)  # fmt: skip
+            link.close()
+            return
+        if not records:
+            return
+        last = first + len(records) - 1
+        if first > self.received + 1:
+            log.error("replication stream %d: gap (got LSN %d, expected %d); resyncing",
+                      self.index, first, self.received + 1)  # fmt: skip
+            link.close()
+            return
+        if last <= self.received:
+            if self.received == self.applied:
+                link.send((N.REPL_ACK, self.index, self.applied))
+            return
+        if first <= self.received:
+            records = records[self.received - first + 1 :]
+        self.received = last
+        self.peer_last = max(self.peer_last, last)
+        self.repl.worker.apply_replicated(records, last, lambda: self._applied(last, len(records)))
+
+    def _applied(self, last: int, count: int) -> None:
+        self.applied = max(self.applied, last)
+        self.records_applied += count
+        self.appends_applied += 1
+        if self.link is not None:
+            self.link.send((N.REPL_ACK, self.index, self.applied))
+
+    def link_lost(self, link: ReplLink) -> None:
+        if link is self.link:
+            self.link = None
+            self.repl.link_state_changed()
+
+    def tick(self, now: float, timeout: float, beat: bool) -> None:
+        link = self.link
+        if link is None:
+            return
+        if now - link.last_rx > timeout:
+            log.warning("replication stream %d: the peer went silent; dropping its link",
+                        self.index)  # fmt: skip
+            link.close()
+            return
+        if beat:
+            link.send((N.REPL_HEARTBEAT, int(time.time() * 1000), [(self.index, self.applied)]))
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.flush()
+            self.link.close()

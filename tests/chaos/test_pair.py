@@ -1,0 +1,155 @@
+"""Pair replication with two real nodes: replication, cross-node delivery, degraded mode.
+
+The acceptance tests of the design document (kill -9, partitions, rolling restarts) are in
+``test_failures.py``; this file covers the everyday behaviour they build on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import iris_native as N
+import pytest
+from rawclient import RawClient
+
+from iris_fast.client import IrisClient
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll ``pred`` until true; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if pred():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_stored_message_is_on_both_nodes_before_its_ack(pair):
+    s = RawClient(pair.a.addr)
+    s.login("alice")
+    for i in range(20):
+        s.send((N.SEND, f"m{i}", "bob", b"x%d" % i))
+    acks = s.collect(N.ACK, 20)
+    # Stored on both nodes, nothing degraded: the flag is STORED only.
+    assert {a[2] for a in acks} == {N.ACK_STORED}
+    # b applied a's records before a ACKed: bob reads all 20 from b.
+    r = RawClient(pair.b.addr)
+    r.login("bob")
+    got = r.collect(N.DELIVER, 20)
+    assert [d[4] for d in got] == [f"m{i}" for i in range(20)]
+    r.send((N.DELIVER_ACK, got[-1][1]))
+    mb = pair.b.metrics()
+    assert mb["iris_repl_records_applied_total"] >= 20
+    # bob's DELIVER_ACK on b deletes the message on a too: logging in on a gets nothing.
+    wait_for(lambda: pair.a.metrics()["iris_repl_records_applied_total"] >= 20, what="DELs on a")
+    r2 = RawClient(pair.a.addr)
+    r2.login("bob")
+    assert [f for f in r2.drain(0.5) if f[0] == N.DELIVER] == []
+
+
+def test_live_delivery_to_a_user_on_the_other_node(pair):
+    bob = IrisClient(*pair.b.addr, timeout=10)
+    bob.login("bob")
+    alice = IrisClient(*pair.a.addr, timeout=10)
+    alice.login("alice")
+    for i in range(50):
+        alice.send_msg("bob", b"hi %d" % i)
+        msg = bob.recv(timeout=5)
+        assert (msg.sender, msg.body) == ("alice", b"hi %d" % i)
+    assert alice.last_ack_flags & N.ACK_DEGRADED == 0
+    alice.close()
+    bob.close()
+
+
+def test_both_nodes_take_writes_for_one_mailbox_in_order(pair):
+    """Senders on both nodes, one recipient: every message once, each sender's in order."""
+    s1 = IrisClient(*pair.a.addr, timeout=10)
+    s1.login("s1")
+    s2 = IrisClient(*pair.b.addr, timeout=10)
+    s2.login("s2")
+    for i in range(30):
+        s1.send_msg("rcpt", b"%d" % i)
+        s2.send_msg("rcpt", b"%d" % i)
+    r = IrisClient(*pair.a.addr, timeout=10)
+    r.login("rcpt")
+    got: dict[str, list[int]] = {"s1": [], "s2": []}
+    for _ in range(60):
+        m = r.recv(timeout=5)
+        got[m.sender].append(int(m.body))
+    assert got == {"s1": list(range(30)), "s2": list(range(30))}
+    assert r.duplicates_dropped == 0
+    r.close()
+
+
+def test_peer_down_means_degraded_acks_and_health(pair):
+    pair.b.kill9()
+    wait_for(lambda: pair.a.health()["degraded"], what="a degraded")
+    h = pair.a.health()
+    assert h["status"] == "degraded" and h["role"] == "alone"
+    s = RawClient(pair.a.addr)
+    ok = s.login("alice")
+    assert ok[2] & 1, "LOGIN_OK flag bit 0 says degraded"
+    s.send((N.SEND, "d1", "bob", b"one copy"))
+    assert s.expect(N.ACK) == (N.ACK, "d1", N.ACK_STORED | N.ACK_DEGRADED)
+    m = pair.a.metrics()
+    assert m["iris_repl_degraded"] == 1
+    assert m["iris_repl_degraded_acks_total"] >= 1
+    assert m["iris_repl_failovers_total"] >= 1
+    assert m["iris_repl_lag_records"] >= 1
+    # b comes back, catches up without an operator, and the pair is healthy again.
+    pair.b.start(accept=("ok", "degraded"))
+    pair.wait_paired()
+    r = RawClient(pair.b.addr)
+    r.login("bob")
+    assert r.expect(N.DELIVER)[4:] == ("d1", b"one copy")
+    assert pair.a.metrics()["iris_repl_lag_records"] == 0
+
+
+def test_status_shows_the_pair(pair):
+    out = subprocess.run(
+        [sys.executable, "-m", "iris_fast", "status", "--json",
+         "--http", f"127.0.0.1:{pair.a.http_port},127.0.0.1:{pair.b.http_port}"],
+        capture_output=True, text=True, timeout=30, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["role"] for r in rows] == ["paired", "paired"]
+    assert [r["peer_node"] for r in rows] == ["b", "a"]
+    assert all(r["lag_records"] == 0 for r in rows)
+    pair.b.kill9()
+    wait_for(lambda: pair.a.health()["degraded"], what="a degraded")
+    out = subprocess.run(
+        [sys.executable, "-m", "iris_fast", "status",
+         "--http", f"127.0.0.1:{pair.a.http_port},127.0.0.1:{pair.b.http_port}"],
+        capture_output=True, text=True, timeout=30, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "alone" in out.stdout and "DOWN" in out.stdout
+
+
+def test_a_misconfigured_peer_is_refused_with_a_reason(server_factory, tmp_path):
+    from iris_fast.ports import free_port
+
+    ra, rb = free_port(), free_port()
+    a = server_factory("--workers", "2", "--repl-port", str(ra), "--peer", f"127.0.0.1:{rb}",
+                       node_id="a", start=False)  # fmt: skip
+    b = server_factory("--workers", "1", "--repl-port", str(rb), "--peer", f"127.0.0.1:{ra}",
+                       node_id="b", start=False)  # fmt: skip
+    a.start(accept=("degraded",))
+    b.start(accept=("degraded",))
+    wait_for(lambda: "same --workers" in a.log() + b.log(), what="refusal logged")
+    assert a.health()["degraded"] and b.health()["degraded"]
+    wait_for(
+        lambda: (
+            a.metrics().get("iris_repl_links_refused_total", 0)
+            + b.metrics().get("iris_repl_links_refused_total", 0)
+            > 0
+        ),
+        what="refusal counted",
+    )
