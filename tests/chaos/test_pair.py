@@ -153,3 +153,32 @@ def test_a_misconfigured_peer_is_refused_with_a_reason(server_factory, tmp_path)
         ),
         what="refusal counted",
     )
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"\x00\x00\x00\x05GET /", "bad frame"),
+        (N.encode((N.REPL_ACK, 0, 5)), "first frame must be REPL_HELLO"),
+        (N.encode((N.REPL_HELLO, 9, "x", 1, 2, 0, [(0, 0)])), "protocol version 9"),
+        (N.encode((N.REPL_HELLO, 1, "b", 1, 2, 0, [(0, 0)])), "has our node id"),
+        (N.encode((N.REPL_HELLO, 1, "zz", 1, 2, 0, [(7, 0)])), "expected one of 0..1"),
+        (b"\xff\xff\xff\xff", "bad frame"),
+    ],
+)
+def test_hostile_bytes_on_the_replication_port_are_refused(pair, payload, reason):
+    """Whatever reaches the replication port that is not a proper peer gets the link closed,
+    with the reason in the log; the pair keeps replicating."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", pair.repl_b), timeout=5) as s:
+        s.sendall(payload)
+        s.settimeout(5)
+        assert s.recv(100) == b"", "the node closes the link"
+    wait_for(lambda: reason in pair.b.log(), what=f"{reason!r} logged")
+    alice = IrisClient(*pair.a.addr, timeout=10)
+    alice.login("alice")
+    alice.send_msg("zed", b"still replicating")
+    assert alice.last_ack_flags == N.ACK_STORED
+    alice.close()
+    assert pair.b.health()["status"] == "ok"
