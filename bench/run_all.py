@@ -11,6 +11,8 @@ Sections (each system section starts its own fresh server and stops it afterward
   c throughput  highest offered rate with ACK p99 < 10 ms (stepped offered rate)
   d burst       offline burst: durable msgs/s and messages per fsync (bench/offline_burst.py)
   e micro       pytest-benchmark micro benchmarks and bench/routing_cost.py
+  f pair        pair replication: durable replicated msgs/s and ACK latency vs one node,
+                failover time, catch-up rate (bench/pair.py)
 
 Figures are reported, never asserted: a section fails only when it could not produce its
 figures (server did not start, a tool crashed, no JSON); the runner then goes on with the next
@@ -67,6 +69,7 @@ SECTIONS = {
     "c": "throughput",
     "d": "burst",
     "e": "micro",
+    "f": "pair",
 }
 TITLES = {
     "a": "(a) Idle memory per connection",
@@ -74,6 +77,7 @@ TITLES = {
     "c": "(c) Throughput at ACK p99 < 10 ms",
     "d": "(d) Offline burst (durable writes)",
     "e": "(e) Micro benchmarks and routing cost",
+    "f": "(f) Pair replication",
 }
 
 _T0 = time.monotonic()
@@ -600,6 +604,29 @@ def section_burst(ctx: Context) -> dict[str, Any]:
     return data
 
 
+def section_pair(ctx: Context) -> dict[str, Any]:
+    log("(f) pair replication: throughput vs one node, failover, catch-up")
+    path = ctx.raw / "pair.json"
+    cmd = [sys.executable, "bench/pair.py", "--json", str(path)]
+    if ctx.quick:
+        cmd += ["--messages", "5000", "--gap", "20000", "--failovers", "3", "--rate", "1000"]
+    rc, data = run_script(ctx, "pair", cmd, path, timeout=900)
+    data["exit_code"] = rc
+    tp = data.get("throughput", {})
+    single, pair = tp.get("single", {}).get("burst", {}), tp.get("pair", {}).get("burst", {})
+    if single.get("msgs_per_s") and pair.get("msgs_per_s"):
+        data["pair_to_single_ratio"] = round(pair["msgs_per_s"] / single["msgs_per_s"], 2)
+    log(
+        f"  replicated {fmt(pair.get('msgs_per_s'))} msg/s vs single "
+        f"{fmt(single.get('msgs_per_s'))}"
+        f"; failover median {fmt(data.get('failover', {}).get('median_ms'), 1)} ms; catch-up "
+        f"{fmt(data.get('catchup', {}).get('records_per_s'))} records/s"
+    )
+    if rc != 0:
+        data["error"] = f"pair.py exited {rc}"
+    return data
+
+
 def per_op_ns(bench: dict) -> tuple[float | None, str]:
     """ns per elementary operation (frame, check) from extra_info, else per call."""
     extra = bench.get("extra_info", {})
@@ -670,6 +697,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "c": section_throughput,
     "d": section_burst,
     "e": section_micro,
+    "f": section_pair,
 }
 
 
@@ -868,6 +896,39 @@ def md_burst(r: dict) -> list[str]:
     ]
 
 
+def md_pair(r: dict) -> list[str]:
+    tp = r.get("throughput", {})
+    lines = [
+        "| mode | burst msgs/s | burst ACK p50 / p99 ms | paced rate | paced ACK p50 / p99 ms "
+        "| ops per fsync (each node) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for mode, label in (("single", "one node (no replication)"),
+                        ("pair", "pair, both nodes fsync")):  # fmt: skip
+        b, p = tp.get(mode, {}).get("burst", {}), tp.get(mode, {}).get("paced", {})
+        per = ", ".join(fmt(f.get("ops_per_fsync"), 1) for f in b.get("fsync", []))
+        lines.append(
+            f"| {label} | {fmt(b.get('msgs_per_s'))} | {fmt(b.get('ack_p50_ms'), 2)} / "
+            f"{fmt(b.get('ack_p99_ms'), 2)} | {fmt(p.get('msgs_per_s'))} | "
+            f"{fmt(p.get('ack_p50_ms'), 2)} / {fmt(p.get('ack_p99_ms'), 2)} | {per} |"
+        )
+    fo, cu = r.get("failover", {}), r.get("catchup", {})
+    lines += [
+        "",
+        f"Replicated / single throughput: **{fmt(r.get('pair_to_single_ratio'), 2)}**.",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| failover: kill -9 to first ACK through the survivor, median / max over "
+        f"{fmt(fo.get('runs'))} runs | {fmt(fo.get('median_ms'), 1)} / {fmt(fo.get('max_ms'), 1)}"
+        " ms |",
+        f"| catch-up after a {fmt(cu.get('records'))}-record gap | {fmt(cu.get('records_per_s'))}"
+        f" records/s ({fmt(cu.get('seconds'), 2)} s) |",
+        f"| restart of the peer to pair healthy | {fmt(cu.get('restart_to_healthy_s'), 2)} s |",
+    ]
+    return lines
+
+
 def md_micro(r: dict) -> list[str]:
     lines = [
         "| benchmark | mean per call | ns per op | extra_info |",
@@ -909,7 +970,14 @@ def md_micro(r: dict) -> list[str]:
     return lines
 
 
-MD = {"a": md_memory, "b": md_cpu, "c": md_throughput, "d": md_burst, "e": md_micro}
+MD = {
+    "a": md_memory,
+    "b": md_cpu,
+    "c": md_throughput,
+    "d": md_burst,
+    "e": md_micro,
+    "f": md_pair,
+}
 
 
 def render_md(report: dict) -> str:
@@ -992,6 +1060,12 @@ def headline(key: str, r: dict) -> str:
             return (
                 f"{fmt(r.get('durable_msgs_per_s'))} durable msg/s, "
                 f"{fmt(r.get('messages_per_fsync'), 1)} msgs/fsync"
+            )
+        if key == "f":
+            return (
+                f"replicated/single {fmt(r.get('pair_to_single_ratio'), 2)}; failover median "
+                f"{fmt(r.get('failover', {}).get('median_ms'), 1)} ms; catch-up "
+                f"{fmt(r.get('catchup', {}).get('records_per_s'))} records/s"
             )
         if key == "e":
             rc = r.get("routing_cost", {})

@@ -385,7 +385,9 @@ class MailboxStore:
                 log.exception("LMDB commit of %d operations failed; stopping the node", len(ops))
                 os._exit(70)
             if durable and self._on_commit is not None:
-                self._on_commit(len(ops), time.perf_counter() - started)
+                # A replicated batch is one operation carrying many records: count the records.
+                count = sum(len(op[1]) if op[0] == "apply" else 1 for op in ops)
+                self._on_commit(count, time.perf_counter() - started)
             if callbacks:
                 try:
                     self._loop.call_soon_threadsafe(_run_all, callbacks)
