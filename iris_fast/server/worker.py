@@ -507,7 +507,8 @@ class Worker:
         return [conn] if conn is not None else []
 
     def _delete_stored(self, user: str, mb: Mailbox, seq: int) -> None:
-        mb.count -= 1
+        # Clamped: with devices on both nodes of a pair, the peer's deletion may come first.
+        mb.count = max(mb.count - 1, 0)
         if mb.deleting is None:
             mb.deleting = set()
         mb.deleting.add(seq)

@@ -182,3 +182,28 @@ def test_hostile_bytes_on_the_replication_port_are_refused(pair, payload, reason
     assert alice.last_ack_flags == N.ACK_STORED
     alice.close()
     assert pair.b.health()["status"] == "ok"
+
+
+def test_a_crashed_worker_rejoins_the_pair_and_catches_up(pair):
+    """kill -9 of one worker (not the node): its streams drop, the supervisor restarts it, and
+    both directions of its streams resume where they were."""
+    import os
+    import signal
+
+    from iris_fast.server.links import home_of
+
+    users = [u for u in (f"w1-{i}" for i in range(200)) if home_of(u, 2) == 1][:5]
+    victim = next(w for w in pair.a.health()["workers"] if w["index"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    # b goes on with a's worker 1 gone: its stream 1 is degraded, and it keeps taking writes.
+    s = IrisClient(*pair.b.addr, timeout=10)
+    s.login("sender")
+    for u in users:
+        s.send_msg(u, b"while a's worker 1 was down")
+    pair.wait_paired()
+    for u in users:
+        r = IrisClient(*pair.a.addr, timeout=10)
+        r.login(u)
+        assert r.recv(timeout=10).body == b"while a's worker 1 was down"
+        r.close()
+    s.close()
