@@ -20,7 +20,18 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--http-port", int, "port of /health and /metrics"),
     ("--data-dir", str, "directory of the LMDB mailbox"),
     ("--node-id", str, "this node's name"),
-    ("--auth-secret", str, "HS256 secret; clients log in with a JWT whose sub is their user id"),
+    ("--auth-secret", list, "HS256 secret (SECRET or KID=SECRET; repeat for key rotation): "
+     "clients log in with a JWT whose sub is their user id"),
+    ("--auth-public-key", list, "PEM public key or certificate, RS256 (RSA) or ES256 (EC P-256) "
+     "by key type (FILE or KID=FILE; repeatable)"),
+    ("--auth-issuer", str, "tokens must carry this iss"),
+    ("--auth-audience", str, "tokens must carry this aud"),
+    ("--auth-leeway", float, "clock skew allowed on a token's nbf / iat, seconds"),
+    ("--login-rate", float, "LOGINs per second per source address, per worker (0: off)"),
+    ("--login-burst", int, "LOGIN bucket size per source address"),
+    ("--login-fail-rate", float, "failed LOGINs per second per source address, per worker "
+     "(0: off)"),
+    ("--login-fail-burst", int, "failed-LOGIN bucket size per source address"),
     ("--workers", int, "worker processes (each binds the port with SO_REUSEPORT; may exceed the "
      "cores: each holds at most RLIMIT_NOFILE connections)"),
     ("--max-frame", int, "largest frame accepted, bytes"),
@@ -33,6 +44,8 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--dedup-entries", int, "(sender, msg_id) pairs kept in the dedup window"),
     ("--dedup-age", float, "seconds a (sender, msg_id) pair stays in the dedup window"),
     ("--lmdb-map-size", int, "initial LMDB map size in bytes (it doubles when full)"),
+    ("--tls-cert", str, "PEM certificate chain: clients connect with TLS"),
+    ("--tls-key", str, "PEM private key of --tls-cert"),
     ("--repl-host", str, "address the replication listener binds"),
     ("--repl-port", int, "replication listener port (0: none)"),
     ("--peer", str, "HOST:PORT of the peer node's replication listener (pair replication)"),
@@ -41,6 +54,7 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
 ]  # fmt: skip
 FIELD_OF = {
     "--dedup-age": "dedup_age_s",
+    "--auth-leeway": "auth_leeway_s",
     "--keepalive": "keepalive_s",
     "--heartbeat": "heartbeat_s",
     "--peer-timeout": "peer_timeout_s",
@@ -54,20 +68,30 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     for flag, kind, doc in SERVE_OPTIONS:
         field = FIELD_OF.get(flag, flag[2:].replace("-", "_"))
-        p.add_argument(flag, type=kind, default=getattr(d, field), dest=field, help=doc)
+        # kind list: a repeatable option, collected into a list.
+        how = {"action": "append"} if kind is list else {"type": kind}
+        p.add_argument(flag, **how, default=getattr(d, field), dest=field, help=doc)
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="allow open login (no --auth-secret) on a non-loopback address",
+        help="allow open login (no --auth-secret / --auth-public-key) on a non-loopback address",
     )
     p.add_argument("--log-level", default="INFO")
 
 
 def _token_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("token", help="mint an HS256 login token for a user")
-    p.add_argument("--secret", required=True)
+    p = sub.add_parser("token", help="mint a login token (JWT) for a user")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--secret", help="HS256 shared secret (one of the server's --auth-secret)")
+    key.add_argument(
+        "--private-key", help="PEM private key: RS256 (RSA) or ES256 (EC P-256) by key type"
+    )
     p.add_argument("--user", required=True)
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    p.add_argument("--kid", help="key id header (the KID of the server's KID=... key)")
+    p.add_argument("--iss", help="issuer claim (the server's --auth-issuer)")
+    p.add_argument("--aud", help="audience claim (the server's --auth-audience)")
+    p.add_argument("--nbf-in", type=float, help="not valid before this many seconds from now")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         from iris_fast.server.auth import mint_token
 
-        print(mint_token(args.user, args.secret, args.ttl))
+        try:
+            token = mint_token(
+                args.user,
+                args.secret,
+                args.ttl,
+                private_key=args.private_key,
+                kid=args.kid,
+                issuer=args.iss,
+                audience=args.aud,
+                nbf_in=args.nbf_in,
+            )
+        except ValueError as exc:
+            print(f"iris-fast: {exc}", file=sys.stderr)
+            return 2
+        print(token)
         return 0
 
     logging.basicConfig(

@@ -18,7 +18,20 @@ class ServerConfig:
     http_port: int = 9085
     data_dir: str = "./iris-data"
     node_id: str = field(default_factory=socket.gethostname)
-    auth_secret: str | None = None
+    # Login tokens (docs/security.md): HS256 secrets and/or RS256/ES256 public key PEM files,
+    # each optionally "KID=..."; several at once for key rotation. None of either: open login.
+    auth_secret: str | list[str] | None = None
+    auth_public_key: list[str] | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    # Clock skew allowed on a token's nbf / iat (exp is strict).
+    auth_leeway_s: float = 30.0
+    # LOGIN token buckets per source address, per worker (iris_fast.server.ratelimit; 0: off):
+    # every attempt (high: many valid logins from one NAT are fine), and failed ones.
+    login_rate: float = 10_000.0
+    login_burst: int = 20_000
+    login_fail_rate: float = 20.0
+    login_fail_burst: int = 40
     insecure: bool = False
     max_frame: int = 65536
     max_inflight: int = 256
@@ -34,6 +47,9 @@ class ServerConfig:
     lmdb_map_size: int = 8 << 30
     shutdown_grace: float = 5.0
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # TLS on the client listener (PEM files); both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Pair replication (docs/replication.md): where this node listens for its peer, and where
     # the peer listens. No --peer: a single node; no --repl-port: nothing can replicate to us.
     repl_host: str = "127.0.0.1"
@@ -47,11 +63,18 @@ class ServerConfig:
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless; raises ValueError."""
-        if not self.auth_secret and not self.insecure and not _is_loopback(self.host):
+        from iris_fast.server.auth import Authenticator
+
+        auth = Authenticator.from_config(self)  # loads the keys: a clear error now, not per worker
+        if auth is None and not self.insecure and not _is_loopback(self.host):
             raise ValueError(
-                f"refusing to serve {self.host} without --auth-secret: anyone could log in as "
-                "anyone; bind a loopback address, give --auth-secret, or pass --insecure"
+                f"refusing to serve {self.host} without --auth-secret or --auth-public-key: "
+                "anyone could log in as anyone; bind a loopback address, give a key, or pass "
+                "--insecure"
             )
+        for rate, burst in (("login_rate", "login_burst"), ("login_fail_rate", "login_fail_burst")):
+            if getattr(self, rate) > 0 and getattr(self, burst) < 1:
+                raise ValueError(f"--{burst.replace('_', '-')} must be at least 1")
         if self.port == self.http_port and self.port != 0:
             raise ValueError(f"--port and --http-port must differ (both are {self.port})")
         if not 16 <= self.max_frame <= 16 * 1024 * 1024:
@@ -61,6 +84,12 @@ class ServerConfig:
         for name in ("max_inflight", "mailbox_limit", "max_errors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert:
+            from iris_fast.server.tls import server_context
+
+            server_context(self.tls_cert, self.tls_key)  # a clear error now, not per worker
         if self.peer is not None:
             from iris_fast.replication.replicator import parse_peer
 

@@ -13,8 +13,13 @@ import iris_native as N
 
 
 class RawClient:
-    def __init__(self, addr: tuple[str, int], timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(addr, timeout=timeout)
+    def __init__(
+        self, addr: tuple[str, int], timeout: float = 5.0, source: str | None = None
+    ) -> None:
+        # source: bind this local address first (e.g. "127.0.0.2", another client address).
+        self.sock = socket.create_connection(
+            addr, timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.decoder = N.Decoder(1 << 24)
         self.frames: list[tuple] = []
         self.closed = False

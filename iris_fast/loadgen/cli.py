@@ -57,6 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--user-prefix", default=None, help="user ids are PREFIX-i (default: load-<6 hex>)"
     )
     p.add_argument("--token-secret", default=None, help="mint HS256 login tokens with this secret")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    p.add_argument(
+        "--tls-ca", default=None, metavar="PEM", help="connect with TLS, trusting this CA"
+    )
     return p
 
 
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             user_prefix=args.user_prefix,
             token_secret=args.token_secret,
             server_http=args.server_http,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
         )
     except PlanError as exc:
         print(f"iris-fast load: {exc}", file=sys.stderr)

@@ -38,6 +38,9 @@ class LoadPlan:
     token_secret: str | None
     server_http: tuple[str, int] | None
     connect_cap: float = CONNECT_PHASE_CAP_S
+    # TLS to the server: trust tls_ca (a PEM file) or, without it, the system's CAs.
+    tls: bool = False
+    tls_ca: str | None = None
 
     @property
     def hard_deadline_s(self) -> float:
@@ -112,6 +115,8 @@ def make_plan(
     user_prefix: str | None,
     token_secret: str | None,
     server_http: str | None,
+    tls: bool = False,
+    tls_ca: str | None = None,
 ) -> LoadPlan:
     """Check the options and fill in the derived defaults (procs, source IPs, user prefix)."""
     addr = check_loopback(host, "--host")
@@ -166,4 +171,6 @@ def make_plan(
         user_prefix=user_prefix,
         token_secret=token_secret,
         server_http=parse_hostport(server_http) if server_http else None,
+        tls=tls or tls_ca is not None,
+        tls_ca=tls_ca,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,6 +169,7 @@ class Swarm:
         self.base = proc * sh.COUNTER_SLOTS
         self.control = control
         self.loop = asyncio.get_running_loop()
+        self._ssl: ssl.SSLContext | None = None
         self.names = [plan.user(i) for i in range(plan.connections)]
         self.conns: list[LoadConn] = []
         self.tally = Tally()
@@ -305,6 +307,13 @@ class Swarm:
             raise
         return sock
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.plan.tls:
+            return None
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=self.plan.tls_ca)
+        return self._ssl
+
     async def connect_one(self, index: int, deadline: float) -> None:
         """Connect and log in user ``index`` (retrying transient failures); count the outcome."""
         src = self.plan.source_ip(index)
@@ -313,13 +322,18 @@ class Swarm:
             conn = LoadConn(self, index)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    tls = self._tls_context()
+                    hostname = self.plan.host if tls else None
                     if src:
                         sock = await self._connect_from(src)
-                        await self.loop.create_connection(lambda c=conn: c, sock=sock)
+                        await self.loop.create_connection(
+                            lambda c=conn: c, sock=sock, ssl=tls, server_hostname=hostname
+                        )
                     else:
                         await self.loop.create_connection(
-                            lambda c=conn: c, self.plan.host, self.plan.port
-                        )
+                            lambda c=conn: c, self.plan.host, self.plan.port, ssl=tls,
+                            server_hostname=hostname,
+                        )  # fmt: skip
                     await conn.login
             except (OSError, TimeoutError, ConnectionError) as exc:
                 if conn.transport is not None:

@@ -94,6 +94,10 @@ class _WorkerCollector:
             "iris_connections_opened": ("Client connections accepted", s.connections_opened),
             "iris_logins": ("Successful logins", s.logins),
             "iris_auth_failures": ("Logins refused by token checks", s.auth_failures),
+            "iris_login_rate_limited": (
+                "LOGINs refused by the per-source rate limit",
+                s.login_rate_limited,
+            ),
             "iris_messages_received": ("SEND frames accepted for processing", s.received),
             "iris_deliveries_sent": (
                 "DELIVER frames written (incl. redeliveries)",
@@ -114,6 +118,7 @@ class _WorkerCollector:
                 "Hand-offs retried (home busy or restarting)",
                 s.handoff_retries,
             ),
+            "iris_tls_relays": ("TLS sessions relayed to their home worker", s.tls_relays),
             "iris_routed_in": ("Messages received from other workers", s.routed_in),
             "iris_routed_out": ("Messages forwarded to other workers", s.routed_out),
         }

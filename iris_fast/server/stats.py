@@ -15,6 +15,7 @@ class WorkerStats:
         "connections_opened",
         "logins",
         "auth_failures",
+        "login_rate_limited",
         "received",
         "deliveries_sent",
         "delivered",
@@ -29,6 +30,7 @@ class WorkerStats:
         "handoff_retries",
         "routed_in",
         "routed_out",
+        "tls_relays",
         "repl_applied",
         "repl_duplicates",
         "rejected_by_reason",
@@ -38,6 +40,7 @@ class WorkerStats:
         self.connections_opened = 0
         self.logins = 0
         self.auth_failures = 0
+        self.login_rate_limited = 0
         self.received = 0
         self.deliveries_sent = 0
         self.delivered = 0
@@ -52,6 +55,7 @@ class WorkerStats:
         self.handoff_retries = 0
         self.routed_in = 0
         self.routed_out = 0
+        self.tls_relays = 0
         self.repl_applied = 0
         self.repl_duplicates = 0
         self.rejected_by_reason: dict[str, int] = {}

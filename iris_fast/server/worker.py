@@ -33,9 +33,11 @@ from iris_native import DEDUP_DONE, DedupWindow, dedup_key
 from iris_fast import protocol as P
 from iris_fast.config import ServerConfig
 from iris_fast.connection import Connection
-from iris_fast.server.auth import AuthError, verify_token
+from iris_fast.server.auth import Authenticator, AuthError
 from iris_fast.server.links import Handoff, HandoffError, Links, home_of
+from iris_fast.server.ratelimit import LoginLimiter, source_of
 from iris_fast.server.stats import WorkerStats
+from iris_fast.server.tls import TlsRelay, is_tls
 
 if TYPE_CHECKING:
     import asyncio
@@ -104,6 +106,8 @@ class Worker:
         # ...and all sessions of users logged in on more than one device.
         self.devices: dict[str, list[Connection]] = {}
         self.connections: set[Connection] = set()
+        # TLS sessions relayed to their home worker (iris_fast.server.tls).
+        self.relays: set[TlsRelay] = set()
         self.unauthenticated: set[Connection] = set()
         self.mailboxes: dict[str, Mailbox] = {}
         self.dedup = DedupWindow(config.dedup_entries, int(config.dedup_age_s * 1000))
@@ -117,6 +121,9 @@ class Worker:
         self._max_inflight_bytes = config.max_inflight_bytes
         self._mailbox_limit = config.mailbox_limit
         self._keepalive = int(config.keepalive_s)
+        # Keys loaded once per worker (None: open login); LOGIN buckets per source address.
+        self.auth = Authenticator.from_config(config)
+        self.login_limiter = LoginLimiter.from_config(config)
         loaded = store.load_dedup(int(config.dedup_age_s * 1000))
         for key, ts in loaded:
             self.dedup.insert_key(key, DEDUP_DONE, ts)
@@ -204,23 +211,38 @@ class Worker:
         if conn.user is not None:
             self.reject(conn, P.E_ALREADY_LOGGED_IN, f"already logged in as {conn.user!r}")
             return
+        source = None
+        if self.login_limiter is not None:
+            source = source_of(conn.transport)
+            wait = self.login_limiter.allow(source)
+            if wait:
+                self.stats.login_rate_limited += 1
+                self.fatal(
+                    conn,
+                    P.E_RATE_LIMITED,
+                    f"too many login attempts from {source}; retry in {wait:.1f} s",
+                )
+                return
         if version != P.PROTOCOL_VERSION:
-            self.fatal(
+            self._login_failed(
                 conn,
+                source,
                 P.E_UNSUPPORTED_VERSION,
                 f"protocol version {version} not supported; this server speaks "
                 f"{P.PROTOCOL_VERSION}",
             )
             return
         if not P.valid_user_id(user):
-            self.fatal(conn, P.E_AUTH_FAILED, "user id must be 1..255 bytes without NUL")
+            self._login_failed(
+                conn, source, P.E_AUTH_FAILED, "user id must be 1..255 bytes without NUL"
+            )
             return
-        if self.config.auth_secret:
+        if self.auth is not None:
             try:
-                verify_token(token, user, self.config.auth_secret)
+                self.auth.verify(token, user)
             except AuthError as exc:
                 self.stats.auth_failures += 1
-                self.fatal(conn, P.E_AUTH_FAILED, str(exc))
+                self._login_failed(conn, source, P.E_AUTH_FAILED, str(exc))
                 return
         if home_of(user, self.workers) != self.index:
             # Not this user's home: stop reading now (what is already read travels along) and
@@ -230,6 +252,12 @@ class Worker:
             self.unauthenticated.discard(conn)
             return
         self._login_local(conn, user)
+
+    def _login_failed(self, conn: Connection, source: str | None, code: int, reason: str) -> None:
+        """A refused LOGIN: charge its source's failure bucket, answer, close."""
+        if source is not None:
+            self.login_limiter.failed(source)
+        self.fatal(conn, code, reason)
 
     def finish_handoff(self, conn: Connection, user: str, rest: list[tuple]) -> None:
         """Called by the connection with the frames that followed LOGIN in the same read."""
@@ -243,6 +271,9 @@ class Worker:
         if conn.transport is None:  # the client left while we waited
             return
         assert self.handoff is not None
+        if is_tls(conn.transport):
+            self._relay_tls(conn, home, user, preamble, deadline, delay)
+            return
         try:
             self.handoff.send(home, conn.fileno(), user, preamble)
         except HandoffError as exc:
@@ -263,6 +294,45 @@ class Worker:
             return
         self.stats.handoffs_out += 1
         conn.abandon()
+
+    def _relay_tls(
+        self, conn: Connection, home: int, user: str, preamble: bytes, deadline: float,
+        delay: float,
+    ) -> None:  # fmt: skip
+        """A TLS session cannot move to another process: keep it here and relay its bytes to
+        the home worker through a Unix socket pair (see iris_fast.server.tls)."""
+        assert self.handoff is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.handoff.send(home, theirs.fileno(), user, preamble)
+        except HandoffError as exc:
+            ours.close()
+            theirs.close()
+            if time.monotonic() < deadline:
+                self.stats.handoff_retries += 1
+                self.loop.call_later(
+                    delay, self._try_handoff, conn, home, user, preamble, deadline,
+                    min(delay * 2, 0.05),
+                )  # fmt: skip
+                return
+            self.stats.handoff_failures += 1
+            log.warning("TLS relay of %r to worker %d failed: %s", user, home, exc)
+            conn.handoff_pending = False
+            self.fatal(
+                conn, P.E_SHUTTING_DOWN, "the worker for this user is busy or restarting; retry"
+            )
+            return
+        theirs.close()  # the home worker holds its own copy now
+        self.stats.handoffs_out += 1
+        self.stats.tls_relays += 1
+        # The connection object is done here: the relay owns the TLS transport from now on.
+        self.connections.discard(conn)
+        self.unauthenticated.discard(conn)
+        conn.detached = True
+        relay = TlsRelay(conn.transport, self.relays.discard)
+        self.relays.add(relay)
+        ours.setblocking(False)
+        self.loop.create_task(relay.start(ours))
 
     def adopt(self, sock: socket.socket, user: str, preamble: bytes) -> None:
         """Take over a client socket another worker logged in (see links.Handoff)."""
@@ -764,6 +834,8 @@ class Worker:
         for conn in [c for c in self.unauthenticated if now - c.opened_at > timeout]:
             self.stats.login_timeouts += 1
             self.fatal(conn, P.E_LOGIN_TIMEOUT, f"no LOGIN within {timeout:g} s")
+        if self.login_limiter is not None:
+            self.login_limiter.prune()
         idle_after = self.config.hibernate_after
         for conn in self.connections:
             if now - conn.last_active > idle_after:

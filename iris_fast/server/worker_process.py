@@ -27,6 +27,7 @@ from iris_fast.replication.replicator import Replicator
 from iris_fast.server.http import HttpEndpoint, json_route
 from iris_fast.server.links import Handoff, Links, socket_name
 from iris_fast.server.metrics import NodeMetrics, rss_bytes
+from iris_fast.server.tls import server_context
 from iris_fast.server.worker import Worker
 from iris_fast.storage.mailbox import MailboxStore
 
@@ -89,12 +90,16 @@ async def run_worker(config: ServerConfig) -> int:
         handoff.start()
 
     max_frame = config.max_frame
+    tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     server = await loop.create_server(
         lambda: Connection(worker, max_frame),
         config.host,
         config.port,
         reuse_port=True,
         backlog=4096,
+        ssl=tls,
+        # A handshake that does not finish counts against the same bound as a missing LOGIN.
+        ssl_handshake_timeout=config.login_timeout if tls else None,
     )
     if repl is not None:
         await repl.start()
