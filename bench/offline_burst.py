@@ -93,6 +93,9 @@ def main() -> int:
                 "bench",
                 "--mailbox-limit",
                 str(args.messages + 1),
+                # One sender pipelining a burst is what is measured here, not the rate limits.
+                "--rate-msgs", "0", "--conn-rate-msgs", "0", "--rate-bytes", "0",
+                "--conn-rate-bytes", "0",
                 "--log-level",
                 "WARNING",
             ],

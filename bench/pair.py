@@ -46,6 +46,8 @@ class Node:
             sys.executable, "-m", "iris_fast", "serve", "--port", str(self.port),
             "--http-port", str(self.http), "--data-dir", self.data, "--node-id", name,
             "--workers", str(workers), "--log-level", "WARNING", "--mailbox-limit", "1000000",
+            "--mailbox-max-bytes", str(1 << 40), "--rate-msgs", "0", "--conn-rate-msgs", "0",
+            "--rate-bytes", "0", "--conn-rate-bytes", "0",
             *extra,
         ]  # fmt: skip
         if repl_port:

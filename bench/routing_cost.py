@@ -117,6 +117,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="iris-routing-") as data:
         cmd = [sys.executable, "-m", "iris_fast", "serve", "--workers", "2", "--port", str(port),
                "--http-port", str(http_port), "--data-dir", data, "--log-level", "WARNING",
+               "--rate-msgs", "0", "--conn-rate-msgs", "0", "--rate-bytes", "0",
+               "--conn-rate-bytes", "0",
                "--max-inflight", str(args.window * 2)]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=data)
         try:

@@ -39,6 +39,19 @@ class ServerConfig:
     mailbox_limit: int = 10_000
     max_errors: int = 16
     login_timeout: float = 10.0
+    # SEND rate limits (token buckets; 0 turns a rate off), per user and per connection.
+    rate_msgs: float = 2_000.0
+    rate_msgs_burst: int = 20_000
+    rate_bytes: float = 16 << 20
+    rate_bytes_burst: int = 64 << 20
+    conn_rate_msgs: float = 1_000.0
+    conn_rate_msgs_burst: int = 10_000
+    conn_rate_bytes: float = 8 << 20
+    conn_rate_bytes_burst: int = 32 << 20
+    # Resource bounds (docs/security.md has the list with what each one does when it fires).
+    max_conns_per_ip: int = 20_000
+    mailbox_max_bytes: int = 64 << 20
+    max_pending_writes: int = 256 << 20
     hibernate_after: float = 15.0
     # TCP keepalive idle time; a dead peer is detected after keepalive_s * 1.5 (0: off).
     keepalive_s: float = 60.0

@@ -76,6 +76,10 @@ cdef class Connection:
     cdef public bint handoff_pending
     # (user, preamble) for a socket adopted from another worker; consumed by the worker.
     cdef public object pending_login
+    # Token bucket of this connection's SENDs (iris_fast.server.ratelimit.SendBucket), or None.
+    cdef public object bucket
+    # The client's source address (an interned str shared by its connections), once counted.
+    cdef public object source
     cdef bint _flush_scheduled
     cdef int _max_frame
 
@@ -151,6 +155,7 @@ cdef class Connection:
 
     def pause_writing(self):
         self.write_paused = True
+        self.worker.on_write_paused(self)
 
     def resume_writing(self):
         self.write_paused = False

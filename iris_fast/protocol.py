@@ -40,6 +40,7 @@ E_BAD_RECIPIENT = 12
 E_SHUTTING_DOWN = 13
 E_LOGIN_TIMEOUT = 14
 E_BAD_ACK = 15
+E_TOO_MANY_CONNECTIONS = 16
 
 ERROR_NAMES: dict[int, str] = {
     E_BAD_FRAME: "bad_frame",
@@ -57,6 +58,7 @@ ERROR_NAMES: dict[int, str] = {
     E_SHUTTING_DOWN: "shutting_down",
     E_LOGIN_TIMEOUT: "login_timeout",
     E_BAD_ACK: "bad_ack",
+    E_TOO_MANY_CONNECTIONS: "too_many_connections",
 }
 
 # After these the server closes the connection: the stream or the peer can't be trusted further.
@@ -68,6 +70,7 @@ FATAL_ERRORS = frozenset(
         E_TOO_MANY_ERRORS,
         E_SHUTTING_DOWN,
         E_LOGIN_TIMEOUT,
+        E_TOO_MANY_CONNECTIONS,
     }
 )
 

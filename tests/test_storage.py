@@ -29,7 +29,7 @@ def test_puts_commit_in_groups_and_read_back_in_seq_order(tmp_path):
         store.barrier(done.set)
         await asyncio.wait_for(done.wait(), 10)
         msgs = store.read("u", 0, 1000)
-        count, last = store.scan_mailbox("u")
+        count, last, _ = store.scan_mailbox("u")
         store.close()
         assert acked == list(range(500))
         assert count == 500 and last == seqs[-1]
@@ -69,7 +69,7 @@ def test_map_full_grows_the_map_instead_of_failing(tmp_path):
             store.put("u", store.next_seq(), "s", f"m{i}", 1, b"y" * 60_000, None, None)
         store.barrier(done.set)
         await asyncio.wait_for(done.wait(), 20)
-        count, _ = store.scan_mailbox("u")
+        count, _, _ = store.scan_mailbox("u")
         store.close()
         return count
 

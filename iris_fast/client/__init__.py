@@ -5,7 +5,7 @@ counterpart. Both resend unACKed messages after reconnects, fail over across nod
 deduplicate deliveries by ``(sender, msg_id)``.
 """
 
-from ._core import AuthError, IrisError, MailboxFullError, Message
+from ._core import AuthError, IrisError, MailboxFullError, Message, RateLimitedError
 from .aio import AsyncIrisClient
 from .sync import IrisClient
 
@@ -16,4 +16,5 @@ __all__ = [
     "IrisError",
     "MailboxFullError",
     "Message",
+    "RateLimitedError",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -36,10 +37,11 @@ BAD_RECIPIENT = 12
 SHUTTING_DOWN = 13
 LOGIN_TIMEOUT = 14
 BAD_ACK = 15
+TOO_MANY_CONNECTIONS = 16
 
 # Connection-level errors after which the server closes and another node (or the same one later)
 # can serve us: handled by reconnecting, never surfaced.
-_RECONNECT_CODES = frozenset({SHUTTING_DOWN, LOGIN_TIMEOUT})
+_RECONNECT_CODES = frozenset({SHUTTING_DOWN, LOGIN_TIMEOUT, TOO_MANY_CONNECTIONS})
 _AUTH_CODES = frozenset({AUTH_FAILED, UNSUPPORTED_VERSION})
 # Connection-level errors that a reconnect would only repeat.
 _FATAL_CODES = frozenset({FRAME_TOO_LARGE, TOO_MANY_ERRORS})
@@ -76,6 +78,19 @@ class MailboxFullError(IrisError):
     """The recipient's mailbox is at its limit; the message was not stored."""
 
 
+class RateLimitedError(IrisError):
+    """Over a rate limit; nothing was stored. ``retry_after`` (seconds) says when the same
+    message would pass; the connection stays usable."""
+
+    def __init__(self, code: int, reason: str, msg_id: str = "") -> None:
+        super().__init__(code, reason, msg_id)
+        m = _RETRY_IN.search(reason)
+        self.retry_after = float(m.group(1)) if m else 1.0
+
+
+_RETRY_IN = re.compile(r"retry in ([0-9.]+) s")
+
+
 class ConnectionLost(Exception):
     """Internal: the current connection is unusable; reconnect (and resend)."""
 
@@ -84,6 +99,8 @@ def error_for(code: int, reason: str, msg_id: str = "") -> IrisError:
     """Map an ERROR frame to the most specific exception class."""
     if code == MAILBOX_FULL:
         return MailboxFullError(code, reason, msg_id)
+    if code == RATE_LIMITED:
+        return RateLimitedError(code, reason, msg_id)
     if code in _AUTH_CODES:
         return AuthError(code, reason, msg_id)
     return IrisError(code, reason, msg_id)

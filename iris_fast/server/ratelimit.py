@@ -132,3 +132,55 @@ class LoginLimiter:
             del table[source]
             dropped += 1
         return dropped
+
+
+class SendBucket:
+    """Token buckets for SENDs, in messages and in bytes, of one user or one connection.
+
+    Refilled lazily from the clock on each SEND (no timers); a rate of 0 means no limit in that
+    dimension. ``take`` either charges the message or says how long until it would fit.
+    """
+
+    __slots__ = ("msgs", "bytes", "last")
+
+    def __init__(self, limits: SendLimits, now: float) -> None:
+        self.msgs = limits.msgs_burst
+        self.bytes = limits.bytes_burst
+        self.last = now
+
+    def take(self, limits: SendLimits, now: float, nbytes: int) -> float:
+        """0.0 if the SEND may pass (and is charged), else seconds until it could."""
+        elapsed = now - self.last
+        self.last = now
+        msgs = min(self.msgs + elapsed * limits.msgs_rate, limits.msgs_burst)
+        size = min(self.bytes + elapsed * limits.bytes_rate, limits.bytes_burst)
+        wait = 0.0
+        if limits.msgs_rate and msgs < 1.0:
+            wait = (1.0 - msgs) / limits.msgs_rate
+        if limits.bytes_rate and size < nbytes:
+            # A message bigger than the whole burst can never pass: inf (refused for good).
+            wait = max(wait, math.inf if nbytes > limits.bytes_burst else
+                       (nbytes - size) / limits.bytes_rate)  # fmt: skip
+        if wait:
+            self.msgs, self.bytes = msgs, size
+            return wait
+        self.msgs = msgs - 1.0 if limits.msgs_rate else msgs
+        self.bytes = size - nbytes if limits.bytes_rate else size
+        return 0.0
+
+
+class SendLimits:
+    """Rates (per second) and bursts of one kind of bucket; all zero: no bucket at all."""
+
+    __slots__ = ("msgs_rate", "msgs_burst", "bytes_rate", "bytes_burst")
+
+    def __init__(self, msgs_rate: float, msgs_burst: float, bytes_rate: float,
+                 bytes_burst: float) -> None:  # fmt: skip
+        self.msgs_rate = float(msgs_rate)
+        self.msgs_burst = float(max(msgs_burst, 1))
+        self.bytes_rate = float(bytes_rate)
+        self.bytes_burst = float(max(bytes_burst, 1))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.msgs_rate or self.bytes_rate)

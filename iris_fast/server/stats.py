@@ -31,6 +31,12 @@ class WorkerStats:
         "routed_in",
         "routed_out",
         "tls_relays",
+        "rate_limited_user",
+        "rate_limited_connection",
+        "conn_limit_rejected",
+        "mailbox_bytes_full",
+        "window_full",
+        "write_backpressure",
         "repl_applied",
         "repl_duplicates",
         "rejected_by_reason",
@@ -56,6 +62,12 @@ class WorkerStats:
         self.routed_in = 0
         self.routed_out = 0
         self.tls_relays = 0
+        self.rate_limited_user = 0
+        self.rate_limited_connection = 0
+        self.conn_limit_rejected = 0
+        self.mailbox_bytes_full = 0
+        self.window_full = 0
+        self.write_backpressure = 0
         self.repl_applied = 0
         self.repl_duplicates = 0
         self.rejected_by_reason: dict[str, int] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,10 +33,10 @@ from iris_native import DEDUP_DONE, DedupWindow, dedup_key
 
 from iris_fast import protocol as P
 from iris_fast.config import ServerConfig
-from iris_fast.connection import Connection
+from iris_fast.connection import Connection, monotonic
 from iris_fast.server.auth import Authenticator, AuthError
 from iris_fast.server.links import Handoff, HandoffError, Links, home_of
-from iris_fast.server.ratelimit import LoginLimiter, source_of
+from iris_fast.server.ratelimit import LoginLimiter, SendBucket, SendLimits, source_of
 from iris_fast.server.stats import WorkerStats
 from iris_fast.server.tls import TlsRelay, is_tls
 
@@ -62,10 +63,11 @@ HANDOFF_RETRY_S = 10.0
 class Mailbox:
     """What the worker must know of one user's durable mailbox without reading LMDB."""
 
-    __slots__ = ("count", "last_seq", "uncommitted", "deleting", "acks")
+    __slots__ = ("count", "bytes", "last_seq", "uncommitted", "deleting", "acks")
 
-    def __init__(self, count: int, last_seq: int) -> None:
+    def __init__(self, count: int, last_seq: int, nbytes: int = 0) -> None:
         self.count = count  # stored (committed or queued) and not yet deleted
+        self.bytes = nbytes  # their body bytes
         self.last_seq = last_seq  # highest seq ever queued for storage
         self.uncommitted: set[int] | None = None  # seqs queued, not yet durable
         self.deleting: set[int] | None = None  # seqs acknowledged, delete not yet durable
@@ -124,6 +126,24 @@ class Worker:
         # Keys loaded once per worker (None: open login); LOGIN buckets per source address.
         self.auth = Authenticator.from_config(config)
         self.login_limiter = LoginLimiter.from_config(config)
+        # SEND token buckets: per user (all its devices) and per connection.
+        c = config
+        self.user_limits = SendLimits(
+            c.rate_msgs, c.rate_msgs_burst, c.rate_bytes, c.rate_bytes_burst
+        )
+        self.conn_limits = SendLimits(
+            c.conn_rate_msgs, c.conn_rate_msgs_burst, c.conn_rate_bytes, c.conn_rate_bytes_burst
+        )
+        self.user_buckets: dict[str, SendBucket] = {}
+        # Connections per source address on this worker, bounded by the node's limit split
+        # evenly over the workers (SO_REUSEPORT spreads one address's connections evenly).
+        self.per_source: dict[str, int] = {}
+        self._max_per_source = -(-config.max_conns_per_ip // config.workers)
+        self._mailbox_max_bytes = config.mailbox_max_bytes
+        # Bytes queued for clients that read too slowly, and whether reading is paused for it.
+        self._max_pending_writes = config.max_pending_writes
+        self._write_paused: set[Connection] = set()
+        self.reads_paused = False
         loaded = store.load_dedup(int(config.dedup_age_s * 1000))
         for key, ts in loaded:
             self.dedup.insert_key(key, DEDUP_DONE, ts)
@@ -140,6 +160,22 @@ class Worker:
         self.connections.add(conn)
         self.stats.connections_opened += 1
         adopted = conn.pending_login
+        if self.reads_paused:
+            conn.pause_reading()
+        peer = conn.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            source = sys.intern(source_of(conn.transport))
+            n = self.per_source.get(source, 0)
+            if n >= self._max_per_source and adopted is None:
+                self.stats.conn_limit_rejected += 1
+                self.connections.discard(conn)
+                conn.send((P.ERROR, P.E_TOO_MANY_CONNECTIONS, "",
+                           f"too many connections from {source} (limit "
+                           f"{self.config.max_conns_per_ip} per node)"))  # fmt: skip
+                conn.close()
+                return
+            self.per_source[source] = n + 1
+            conn.source = source
         if adopted is not None:
             # A socket handed over by another worker, whose user already passed LOGIN there.
             conn.pending_login = None
@@ -165,6 +201,17 @@ class Worker:
                 pass
 
     def on_close(self, conn: Connection) -> None:
+        source = conn.source
+        if source is not None:
+            conn.source = None
+            n = self.per_source.get(source, 1) - 1
+            if n > 0:
+                self.per_source[source] = n
+            else:
+                self.per_source.pop(source, None)
+        if conn in self._write_paused:
+            self._write_paused.discard(conn)
+            self._check_write_pressure()
         self.connections.discard(conn)
         self.unauthenticated.discard(conn)
         self._paused_senders.discard(conn)
@@ -172,7 +219,37 @@ class Worker:
             self.stats.rejected("truncated")
         self._detach(conn)
 
+    def on_write_paused(self, conn: Connection) -> None:
+        """A client stopped reading fast enough: its transport's buffer passed the high mark."""
+        self._write_paused.add(conn)
+        self._check_write_pressure()
+
+    def _check_write_pressure(self) -> None:
+        # Only connections over the transport's high-water mark can hold much; summing them is
+        # cheap because there are few. Over the bound, the worker stops reading from every
+        # client (no new work) until the slow readers drained half of it.
+        pending = sum(
+            c.transport.get_write_buffer_size() for c in self._write_paused if c.transport
+        )
+        if not self.reads_paused and pending > self._max_pending_writes:
+            self.reads_paused = True
+            self.stats.write_backpressure += 1
+            log.warning("%d bytes wait for slow clients (limit %d); pausing reads",
+                        pending, self._max_pending_writes)  # fmt: skip
+            for c in self.connections:
+                c.pause_reading()
+        elif self.reads_paused and pending <= self._max_pending_writes // 2:
+            self.reads_paused = False
+            log.info("pending writes down to %d bytes; reading again", pending)
+            for c in self.connections:
+                if c not in self._paused_senders:
+                    c.resume_reading()
+
     def on_writable(self, conn: Connection) -> None:
+        if conn in self._write_paused:
+            self._write_paused.discard(conn)
+            if self.reads_paused:
+                self._check_write_pressure()
         if conn.user is not None and not conn.detached:
             self._pump(conn)
 
@@ -397,6 +474,16 @@ class Worker:
                 conn, P.E_BAD_RECIPIENT, msg_id, "recipient must be 1..255 bytes without NUL"
             )
             return
+        if self.conn_limits.active or self.user_limits.active:
+            wait = self._rate_wait(conn, sender, len(body))
+            if wait:
+                self.refuse(
+                    conn, P.E_RATE_LIMITED, msg_id,
+                    f"rate limited: over {self._limit_text(conn)}; retry in "
+                    + ("never (larger than the burst)" if wait == float("inf")
+                       else f"{wait:.3f} s"),
+                )  # fmt: skip
+                return
         now_ms = int(time.time() * 1000)
         home = home_of(to, self.workers)
         if home == self.index:
@@ -412,6 +499,32 @@ class Worker:
         assert self.links is not None
         self.links.send(home, frame)
         self.stats.routed_out += 1
+
+    def _rate_wait(self, conn: Connection, user: str, nbytes: int) -> float:
+        """0.0 if this SEND fits both buckets (charged), else seconds until it would."""
+        now = monotonic()
+        if self.conn_limits.active:
+            bucket = conn.bucket
+            if bucket is None:
+                bucket = conn.bucket = SendBucket(self.conn_limits, now)
+            wait = bucket.take(self.conn_limits, now, nbytes)
+            if wait:
+                self.stats.rate_limited_connection += 1
+                return wait
+        if self.user_limits.active:
+            bucket = self.user_buckets.get(user)
+            if bucket is None:
+                bucket = self.user_buckets[user] = SendBucket(self.user_limits, now)
+            wait = bucket.take(self.user_limits, now, nbytes)
+            if wait:
+                self.stats.rate_limited_user += 1
+                return wait
+        return 0.0
+
+    def _limit_text(self, conn: Connection) -> str:
+        c = self.config
+        return (f"{c.conn_rate_msgs:g} msgs/s or {c.conn_rate_bytes:g} B/s per connection, "
+                f"{c.rate_msgs:g} msgs/s or {c.rate_bytes:g} B/s per user")  # fmt: skip
 
     def on_route_send(
         self, ts_ms: int, flags: int, sender: str, msg_id: str, to: str, body: bytes
@@ -476,6 +589,15 @@ class Worker:
                 f"mailbox of {to!r} holds {mb.count} messages, the limit",
             )
             return
+        if mb.bytes + len(body) > self._mailbox_max_bytes:
+            self.dedup.remove(sender, msg_id)
+            stats.mailbox_bytes_full += 1
+            self._refuse_to(
+                sender, conn, P.E_MAILBOX_FULL, msg_id,
+                f"mailbox of {to!r} holds {mb.bytes} bytes; this message would pass the limit "
+                f"of {self._mailbox_max_bytes}",
+            )  # fmt: skip
+            return
         seq = self.store.next_seq()
         rcpt = self.sessions.get(to)
         if (
@@ -488,6 +610,9 @@ class Worker:
         ):
             self._deliver(rcpt, (seq, sender, msg_id, now_ms, body, False))
         else:
+            if rcpt is not None and rcpt.inflight and len(rcpt.inflight) >= self._max_inflight:
+                # The recipient's window of unacknowledged deliveries is full: it waits stored.
+                stats.window_full += 1
             self._store(to, mb, seq, sender, msg_id, now_ms, body)
             if conn is not None and self.store.queued > STORE_HIGH_WATER:
                 conn.pause_reading()
@@ -524,7 +649,7 @@ class Worker:
                     del mb.acks[seq]
                 elif mb.acks:
                     mb.acks.pop(seq, None)
-                self._delete_stored(user, mb, seq)
+                self._delete_stored(user, mb, seq, len(body))
             else:
                 self.dedup.mark_done(sender, msg_id)
                 if not now_ms:
@@ -576,8 +701,9 @@ class Worker:
         conn = self.sessions.get(user)
         return [conn] if conn is not None else []
 
-    def _delete_stored(self, user: str, mb: Mailbox, seq: int) -> None:
+    def _delete_stored(self, user: str, mb: Mailbox, seq: int, size: int = -1) -> None:
         # Clamped: with devices on both nodes of a pair, the peer's deletion may come first.
+        mb.bytes = max(mb.bytes - (size if size >= 0 else _average(mb)), 0)
         mb.count = max(mb.count - 1, 0)
         if mb.deleting is None:
             mb.deleting = set()
@@ -617,8 +743,8 @@ class Worker:
     def _mailbox(self, user: str) -> Mailbox:
         mb = self.mailboxes.get(user)
         if mb is None:
-            count, last = self.store.scan_mailbox(user)
-            mb = self.mailboxes[user] = Mailbox(count, last)
+            count, last, nbytes = self.store.scan_mailbox(user)
+            mb = self.mailboxes[user] = Mailbox(count, last, nbytes)
         return mb
 
     def _deliver(self, conn: Connection, rec: Record) -> None:
@@ -636,6 +762,7 @@ class Worker:
         self, user: str, mb: Mailbox, seq: int, sender: str, msg_id: str, ts: int, body: bytes
     ) -> None:
         mb.count += 1
+        mb.bytes += len(body)
         if seq > mb.last_seq:
             mb.last_seq = seq
         if mb.uncommitted is None:
@@ -774,6 +901,7 @@ class Worker:
                 self.store.observe_seq(seq)
                 mb = self._mailbox(user)
                 mb.count += 1
+                mb.bytes += len(_body)
                 if seq > mb.last_seq:
                     mb.last_seq = seq
                 if mb.uncommitted is None:
@@ -799,12 +927,14 @@ class Worker:
                         mb.uncommitted.discard(seq)
                     if not changed:
                         mb.count -= 1
+                        mb.bytes = max(mb.bytes - len(rec[6]), 0)
                 for conn in self._sessions_of(user):
                     if seq < conn.cursor:
                         conn.cursor = seq
                 if user in self.sessions:
                     self._schedule_pump(user)
             elif changed and mb is not None:
+                mb.bytes = max(mb.bytes - _average(mb), 0)
                 mb.count = max(mb.count - 1, 0)
                 if mb.idle() and user not in self.sessions:
                     del self.mailboxes[user]
@@ -840,6 +970,19 @@ class Worker:
         for conn in self.connections:
             if now - conn.last_active > idle_after:
                 conn.hibernate()
+        if self.user_buckets:
+            self._prune_user_buckets(now)
+
+    def _prune_user_buckets(self, now: float) -> None:
+        """Forget buckets of users gone long enough for them to be full again (a reconnect must
+        not refill a bucket early, so they outlive the session until then)."""
+        lim = self.user_limits
+        spans = [b / r for r, b in ((lim.msgs_rate, lim.msgs_burst),
+                                    (lim.bytes_rate, lim.bytes_burst)) if r]  # fmt: skip
+        full_after = max(spans, default=0.0)
+        for user in [u for u, b in self.user_buckets.items()
+                     if u not in self.sessions and now - b.last >= full_after]:  # fmt: skip
+            del self.user_buckets[user]
 
     def prune_dedup(self) -> None:
         self.store.prune_dedup(int(time.time() * 1000) - int(self.config.dedup_age_s * 1000))
@@ -855,3 +998,8 @@ class Worker:
     def session_count(self) -> int:
         """Logged-in sessions on this worker (devices counted one by one)."""
         return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
+
+
+def _average(mb: Mailbox) -> int:
+    """Body size to subtract for a deletion whose size is not at hand (a replicated DEL)."""
+    return mb.bytes // mb.count if mb.count else mb.bytes

@@ -183,20 +183,25 @@ class MailboxStore:
 
     # ---- reads (loop thread; LMDB readers never block the writer) ----------------------------
 
-    def scan_mailbox(self, user: str) -> tuple[int, int]:
-        """(number of stored messages, highest seq) of ``user``'s committed mailbox."""
+    def scan_mailbox(self, user: str) -> tuple[int, int, int]:
+        """(number of stored messages, highest seq, bytes) of ``user``'s committed mailbox.
+        Bytes count the stored values (small headers included): close enough for a bound,
+        and nothing is copied to count them."""
         prefix = user.encode() + b"\x00"
         count = 0
         last = -1
-        with self.env.begin(db=self._msgs) as txn:
+        nbytes = 0
+        with self.env.begin(db=self._msgs, buffers=True) as txn:
             cur = txn.cursor()
             if cur.set_range(prefix):
-                for key in cur.iternext(keys=True, values=False):
+                for key, value in cur:
+                    key = bytes(key)
                     if not key.startswith(prefix):
                         break
                     count += 1
+                    nbytes += len(value)
                     last = _SEQ.unpack_from(key, len(prefix))[0]
-        return count, last
+        return count, last, nbytes
 
     def read(
         self, user: str, from_seq: int, limit: int, skip: set[int] | None = None
