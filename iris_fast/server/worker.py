@@ -186,6 +186,12 @@ class Worker:
                 conn.data_received(preamble)
             return
         self.unauthenticated.add(conn)
+        if self.config.socket_sndbuf:
+            sock = conn.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf)
+            except (OSError, AttributeError):
+                pass
         if self._keepalive:
             # A peer that vanished without a FIN (power loss, NAT drop) would otherwise keep its
             # session, its delivery window and, with several devices, pending deletions forever.
