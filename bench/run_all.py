@@ -13,6 +13,7 @@ Sections (each system section starts its own fresh server and stops it afterward
   e micro       pytest-benchmark micro benchmarks and bench/routing_cost.py
   f pair        pair replication: durable replicated msgs/s and ACK latency vs one node,
                 failover time, catch-up rate (bench/pair.py)
+  g tls         TLS vs plain TCP: memory per idle connection, CPU per message (bench/tls.py)
 
 Figures are reported, never asserted: a section fails only when it could not produce its
 figures (server did not start, a tool crashed, no JSON); the runner then goes on with the next
@@ -70,6 +71,7 @@ SECTIONS = {
     "d": "burst",
     "e": "micro",
     "f": "pair",
+    "g": "tls",
 }
 TITLES = {
     "a": "(a) Idle memory per connection",
@@ -78,6 +80,7 @@ TITLES = {
     "d": "(d) Offline burst (durable writes)",
     "e": "(e) Micro benchmarks and routing cost",
     "f": "(f) Pair replication",
+    "g": "(g) TLS against plain TCP",
 }
 
 _T0 = time.monotonic()
@@ -627,6 +630,23 @@ def section_pair(ctx: Context) -> dict[str, Any]:
     return data
 
 
+def section_tls(ctx: Context) -> dict[str, Any]:
+    log("(g) TLS vs plain: idle memory, CPU per message")
+    path = ctx.raw / "tls.json"
+    cmd = [sys.executable, "bench/tls.py", "--json", str(path)]
+    if ctx.quick:
+        cmd += ["--idle-connections", "1000", "--connections", "100", "--rate", "1000",
+                "--duration", "3"]  # fmt: skip
+    rc, data = run_script(ctx, "tls", cmd, path, timeout=900)
+    data["exit_code"] = rc
+    log(f"  idle B/conn plain {fmt(data.get('plain', {}).get('bytes_per_idle_connection'))} vs "
+        f"TLS {fmt(data.get('tls', {}).get('bytes_per_idle_connection'))}; CPU ratio "
+        f"{fmt(data.get('cpu_ratio'), 2)}")  # fmt: skip
+    if rc != 0:
+        data["error"] = f"tls.py exited {rc}"
+    return data
+
+
 def per_op_ns(bench: dict) -> tuple[float | None, str]:
     """ns per elementary operation (frame, check) from extra_info, else per call."""
     extra = bench.get("extra_info", {})
@@ -647,6 +667,7 @@ def section_micro(ctx: Context) -> dict[str, Any]:
     pytest = shutil.which("pytest") or str(Path(sys.executable).with_name("pytest"))
     cmd = [
         pytest, "bench/test_bench_native.py", "bench/test_bench_connection.py",
+        "bench/test_bench_auth.py",
         "--benchmark-only", "--benchmark-json", str(path), "-q", "-p", "no:cacheprovider",
     ]  # fmt: skip
     try:
@@ -698,6 +719,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "d": section_burst,
     "e": section_micro,
     "f": section_pair,
+    "g": section_tls,
 }
 
 
@@ -929,6 +951,25 @@ def md_pair(r: dict) -> list[str]:
     return lines
 
 
+def md_tls(r: dict) -> list[str]:
+    lines = [
+        "| transport | bytes per idle connection | server CPU µs/msg | ACK p50 / p99 ms "
+        "| delivered / lost / dup |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for mode in ("plain", "tls"):
+        x = r.get(mode, {})
+        lines.append(
+            f"| {mode} | {fmt(x.get('bytes_per_idle_connection'))} | "
+            f"{fmt(x.get('server_cpu_us_per_msg'), 1)} | {fmt(x.get('ack_p50_ms'), 2)} / "
+            f"{fmt(x.get('ack_p99_ms'), 2)} | {fmt(x.get('delivered'))} / {x.get('lost')} / "
+            f"{x.get('duplicated')} |"
+        )
+    lines += ["", f"TLS / plain: memory ×{fmt(r.get('idle_memory_ratio'), 1)}, CPU per message "
+              f"×{fmt(r.get('cpu_ratio'), 2)} ({r.get('workers')} workers)."]  # fmt: skip
+    return lines
+
+
 def md_micro(r: dict) -> list[str]:
     lines = [
         "| benchmark | mean per call | ns per op | extra_info |",
@@ -977,6 +1018,7 @@ MD = {
     "d": md_burst,
     "e": md_micro,
     "f": md_pair,
+    "g": md_tls,
 }
 
 
@@ -1060,6 +1102,12 @@ def headline(key: str, r: dict) -> str:
             return (
                 f"{fmt(r.get('durable_msgs_per_s'))} durable msg/s, "
                 f"{fmt(r.get('messages_per_fsync'), 1)} msgs/fsync"
+            )
+        if key == "g":
+            return (
+                f"idle B/conn TLS {fmt(r.get('tls', {}).get('bytes_per_idle_connection'))} vs "
+                f"plain {fmt(r.get('plain', {}).get('bytes_per_idle_connection'))}; CPU/msg "
+                f"×{fmt(r.get('cpu_ratio'), 2)}"
             )
         if key == "f":
             return (
