@@ -119,20 +119,29 @@ class _WorkerCollector:
                 s.handoff_retries,
             ),
             "iris_tls_relays": ("TLS sessions relayed to their home worker", s.tls_relays),
-            "iris_rate_limited_user": ("SENDs refused by a user's rate limit",
-                                       s.rate_limited_user),
-            "iris_rate_limited_connection": ("SENDs refused by a connection's rate limit",
-                                             s.rate_limited_connection),
-            "iris_conn_limit_rejected": ("Connections refused: too many from their address",
-                                         s.conn_limit_rejected),
-            "iris_mailbox_full": ("SENDs refused: the mailbox's message bound",
-                                  s.mailbox_full),
-            "iris_mailbox_bytes_full": ("SENDs refused: the mailbox's byte bound",
-                                        s.mailbox_bytes_full),
-            "iris_delivery_window_full": ("Messages stored because the recipient's window of "
-                                          "unacknowledged deliveries was full", s.window_full),
-            "iris_write_backpressure": ("Times a worker paused reading: too many bytes waited "
-                                        "for slow clients", s.write_backpressure),
+            "iris_rate_limited_user": ("SENDs refused by a user's rate limit", s.rate_limited_user),
+            "iris_rate_limited_connection": (
+                "SENDs refused by a connection's rate limit",
+                s.rate_limited_connection,
+            ),
+            "iris_conn_limit_rejected": (
+                "Connections refused: too many from their address",
+                s.conn_limit_rejected,
+            ),
+            "iris_mailbox_full": ("SENDs refused: the mailbox's message bound", s.mailbox_full),
+            "iris_mailbox_bytes_full": (
+                "SENDs refused: the mailbox's byte bound",
+                s.mailbox_bytes_full,
+            ),
+            "iris_delivery_window_full": (
+                "Messages stored because the recipient's window of "
+                "unacknowledged deliveries was full",
+                s.window_full,
+            ),
+            "iris_write_backpressure": (
+                "Times a worker paused reading: too many bytes waited for slow clients",
+                s.write_backpressure,
+            ),
             "iris_routed_in": ("Messages received from other workers", s.routed_in),
             "iris_routed_out": ("Messages forwarded to other workers", s.routed_out),
         }
