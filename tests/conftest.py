@@ -73,6 +73,13 @@ class ServerProcess:
             time.sleep(0.05)
         raise RuntimeError(f"server did not become healthy:\n{self.log()}")
 
+    def full_log(self) -> str:
+        """Everything the node logged (``log`` is only the tail, for error messages)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-4000:]

@@ -143,7 +143,7 @@ def test_a_misconfigured_peer_is_refused_with_a_reason(server_factory, tmp_path)
                        node_id="b", start=False)  # fmt: skip
     a.start(accept=("degraded",))
     b.start(accept=("degraded",))
-    wait_for(lambda: "same --workers" in a.log() + b.log(), what="refusal logged")
+    wait_for(lambda: "same --workers" in a.full_log() + b.full_log(), what="refusal logged")
     assert a.health()["degraded"] and b.health()["degraded"]
     wait_for(
         lambda: (
@@ -175,7 +175,7 @@ def test_hostile_bytes_on_the_replication_port_are_refused(pair, payload, reason
         s.sendall(payload)
         s.settimeout(5)
         assert s.recv(100) == b"", "the node closes the link"
-    wait_for(lambda: reason in pair.b.log(), what=f"{reason!r} logged")
+    wait_for(lambda: reason in pair.b.full_log(), what=f"{reason!r} logged")
     alice = IrisClient(*pair.a.addr, timeout=10)
     alice.login("alice")
     alice.send_msg("zed", b"still replicating")
