@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 import iris_native as N
 
+from iris_fast.server.batching import BatchedSender
+
 log = logging.getLogger(__name__)
 
 # One REPL_APPEND carries a whole group commit, or a catch-up chunk.
@@ -21,9 +23,11 @@ class LinkOwner(Protocol):
     def link_lost(self, link: ReplLink) -> None: ...
 
 
-class ReplLink(asyncio.Protocol):
+class ReplLink(BatchedSender, asyncio.Protocol):
     """Either end of a replication link. ``owner`` may change once the HELLO says what the
     link carries (an accepted link is handed to the replica of the announced stream)."""
+
+    _max_frame = REPL_MAX_FRAME
 
     def __init__(self, owner: Any, preamble: bytes = b"", keep_raw: bool = False) -> None:
         self.owner = owner
@@ -35,8 +39,6 @@ class ReplLink(asyncio.Protocol):
         # Bytes received before the HELLO was handled: they travel with a hand-off.
         self.raw: bytearray | None = bytearray() if keep_raw else None
         self._preamble = preamble
-        self._out: list[tuple] | None = None
-        self._scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -73,23 +75,6 @@ class ReplLink(asyncio.Protocol):
             return "?"
         peer = self.transport.get_extra_info("peername")
         return f"{peer[0]}:{peer[1]}" if peer else "?"
-
-    def send(self, frame: tuple) -> None:
-        if self.transport is None:
-            return
-        if self._out is None:
-            self._out = [frame]
-        else:
-            self._out.append(frame)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        out, self._out = self._out, None
-        if out and self.transport is not None:
-            self.transport.write(N.encode_batch(out, REPL_MAX_FRAME))
 
     def close(self) -> None:
         """Close now; unsent frames are dropped (the peer's HELLO says where to resume)."""

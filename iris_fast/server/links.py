@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import iris_native as N
 
+from iris_fast.server.batching import BatchedSender
+
 if TYPE_CHECKING:
     from iris_fast.server.worker import Worker
 
@@ -100,15 +102,19 @@ class LinkIn(asyncio.Protocol):
                 log.error("unexpected frame on worker link from %d: %r", self.peer, f[:2])
 
 
-class LinkOut(asyncio.Protocol):
+class LinkOut(BatchedSender, asyncio.Protocol):
     """The sending end of a link to worker ``peer``: frames queued, one write per tick."""
+
+    _max_frame = LINK_MAX_FRAME
 
     def __init__(self, owner: Links, peer: int) -> None:
         self.owner = owner
         self.peer = peer
         self.transport: asyncio.Transport | None = None
-        self._out: list[tuple] | None = None
-        self._scheduled = False
+
+    def _schedule_flush(self) -> None:
+        # Flushed with the worker's client connections, at the end of the same tick.
+        self.owner.worker.schedule_flush(self)  # type: ignore[arg-type]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -117,23 +123,6 @@ class LinkOut(asyncio.Protocol):
         self.transport = None
         self._out = None
         self.owner.link_lost(self.peer)
-
-    def send(self, frame: tuple) -> None:
-        if self.transport is None:
-            return
-        if self._out is None:
-            self._out = [frame]
-        else:
-            self._out.append(frame)
-        if not self._scheduled:
-            self._scheduled = True
-            self.owner.worker.schedule_flush(self)  # type: ignore[arg-type]
-
-    def flush(self) -> None:
-        self._scheduled = False
-        out, self._out = self._out, None
-        if out and self.transport is not None:
-            self.transport.write(N.encode_batch(out, LINK_MAX_FRAME))
 
 
 class Links:

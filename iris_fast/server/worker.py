@@ -354,11 +354,12 @@ class Worker:
         if conn.transport is None:  # the client left while we waited
             return
         assert self.handoff is not None
-        if is_tls(conn.transport):
-            self._relay_tls(conn, home, user, preamble, deadline, delay)
-            return
         try:
-            self.handoff.send(home, conn.fileno(), user, preamble)
+            if is_tls(conn.transport):
+                self._relay_tls(conn, home, user, preamble)
+            else:
+                self.handoff.send(home, conn.fileno(), user, preamble)
+                conn.abandon()
         except HandoffError as exc:
             # The home's queue is full (a login burst) or it is restarting: both pass quickly.
             if time.monotonic() < deadline:
@@ -376,37 +377,19 @@ class Worker:
             )
             return
         self.stats.handoffs_out += 1
-        conn.abandon()
 
-    def _relay_tls(
-        self, conn: Connection, home: int, user: str, preamble: bytes, deadline: float,
-        delay: float,
-    ) -> None:  # fmt: skip
+    def _relay_tls(self, conn: Connection, home: int, user: str, preamble: bytes) -> None:
         """A TLS session cannot move to another process: keep it here and relay its bytes to
         the home worker through a Unix socket pair (see iris_fast.server.tls)."""
         assert self.handoff is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.handoff.send(home, theirs.fileno(), user, preamble)
-        except HandoffError as exc:
+        except HandoffError:
             ours.close()
-            theirs.close()
-            if time.monotonic() < deadline:
-                self.stats.handoff_retries += 1
-                self.loop.call_later(
-                    delay, self._try_handoff, conn, home, user, preamble, deadline,
-                    min(delay * 2, 0.05),
-                )  # fmt: skip
-                return
-            self.stats.handoff_failures += 1
-            log.warning("TLS relay of %r to worker %d failed: %s", user, home, exc)
-            conn.handoff_pending = False
-            self.fatal(
-                conn, P.E_SHUTTING_DOWN, "the worker for this user is busy or restarting; retry"
-            )
-            return
-        theirs.close()  # the home worker holds its own copy now
-        self.stats.handoffs_out += 1
+            raise
+        finally:
+            theirs.close()  # on success the home worker holds its own copy now
         self.stats.tls_relays += 1
         # The connection object is done here: the relay owns the TLS transport from now on.
         self.connections.discard(conn)
