@@ -74,6 +74,16 @@ class Mailbox:
         # With several devices online: seq -> the sessions that acknowledged it so far.
         self.acks: dict[int, set[Connection]] | None = None
 
+    def add_queued(self, seq: int, nbytes: int) -> None:
+        """Account for a message queued for storage here (its put not yet durable)."""
+        self.count += 1
+        self.bytes += nbytes
+        if seq > self.last_seq:
+            self.last_seq = seq
+        if self.uncommitted is None:
+            self.uncommitted = set()
+        self.uncommitted.add(seq)
+
     def idle(self) -> bool:
         return self.count == 0 and not self.uncommitted and not self.deleting and not self.acks
 
@@ -162,9 +172,9 @@ class Worker:
         adopted = conn.pending_login
         if self.reads_paused:
             conn.pause_reading()
-        peer = conn.transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            source = sys.intern(source_of(conn.transport))
+        source = source_of(conn.transport)
+        if source != "local":  # a Unix socket (a relayed TLS session) has no address to count
+            source = sys.intern(source)
             n = self.per_source.get(source, 0)
             if n >= self._max_per_source and adopted is None:
                 self.stats.conn_limit_rejected += 1
@@ -750,13 +760,7 @@ class Worker:
     def _store(
         self, user: str, mb: Mailbox, seq: int, sender: str, msg_id: str, ts: int, body: bytes
     ) -> None:
-        mb.count += 1
-        mb.bytes += len(body)
-        if seq > mb.last_seq:
-            mb.last_seq = seq
-        if mb.uncommitted is None:
-            mb.uncommitted = set()
-        mb.uncommitted.add(seq)
+        mb.add_queued(seq, len(body))
         cb = self._stored_cb(user, seq, sender, msg_id)
         cb.lsn = self.store.put(  # type: ignore[attr-defined]
             user, seq, sender, msg_id, ts, body, dedup_key(sender, msg_id), cb
@@ -880,7 +884,7 @@ class Worker:
         for rec in records:
             kind = rec[0]
             if kind == N.REC_PUT:
-                _, user, seq, ts, sender, msg_id, _body = rec
+                _, user, seq, ts, sender, msg_id, body = rec
                 if dedup.check_and_insert(sender, msg_id, ts):
                     # This node already has the message (a client resent it here while the
                     # peer's copy was on its way): one copy is enough.
@@ -888,14 +892,7 @@ class Worker:
                     continue
                 dedup.mark_done(sender, msg_id)
                 self.store.observe_seq(seq)
-                mb = self._mailbox(user)
-                mb.count += 1
-                mb.bytes += len(_body)
-                if seq > mb.last_seq:
-                    mb.last_seq = seq
-                if mb.uncommitted is None:
-                    mb.uncommitted = set()
-                mb.uncommitted.add(seq)
+                self._mailbox(user).add_queued(seq, len(body))
             elif kind == N.REC_DEDUP:
                 dedup.insert_key(rec[1], DEDUP_DONE, rec[2])
             kept.append(rec)
