@@ -1,0 +1,170 @@
+"""Server CPU per message against the floor: the same load on iris-fast and on a minimal relay.
+
+Runs ``iris-fast load`` (same connections, rate and duration) first against a fresh
+``iris-fast serve`` and then against ``bench/floor_relay.py``, a single uvloop process that only
+relays SEND -> DELIVER and DELIVER_ACK -> ACK with no storage, dedup, limits or second worker.
+For each it reads the server's user and system CPU time from ``/proc`` (every process of the
+server's process group) around the load run and divides by the messages delivered.
+
+What it tells: the system (kernel) time per message of the floor relay is what the socket
+reads and writes of this traffic cost on this machine, whatever the server is written in; the
+ratio ours / floor is what our own work adds. Both share the machine with the load generator.
+
+    python bench/floor.py --connections 1000 --rate 20000 --duration 10 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pair import Node, log
+
+from iris_fast.ports import free_port
+
+BENCH = Path(__file__).resolve().parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> tuple[float, float, int]:
+    """(user s, system s, processes) summed over the live processes of process group ``pgid``."""
+    user = system = 0.0
+    n = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces: split after its closing parenthesis.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) != pgid:
+            continue
+        user += int(fields[11]) / TICKS
+        system += int(fields[12]) / TICKS
+        n += 1
+    return user, system, n
+
+
+def run_load(port: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "iris_fast", "load", "--port", str(port),
+           "--connections", str(args.connections), "--rate", str(args.rate),
+           "--duration", str(args.duration), "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=600)  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def measure(name: str, pgid: int, port: int, out: Path, args: argparse.Namespace) -> dict:
+    """One load run against the server whose process group is ``pgid``."""
+    u0, s0, _ = group_cpu(pgid)
+    t0 = time.monotonic()
+    totals = run_load(port, out, args)
+    wall = time.monotonic() - t0
+    u1, s1, procs = group_cpu(pgid)
+    delivered = totals.get("delivered") or 0
+    user, system = u1 - u0, s1 - s0
+    per = (lambda x: round(x / delivered * 1e6, 2)) if delivered else (lambda x: None)
+    ack = totals.get("ack_latency_ms") or {}
+    row = {
+        "server": name,
+        "processes": procs,
+        "delivered": delivered,
+        "lost": totals.get("lost"),
+        "duplicated": totals.get("duplicated"),
+        "cpu_us_per_msg": per(user + system),
+        "user_us_per_msg": per(user),
+        "system_us_per_msg": per(system),
+        "cpu_utilisation": round((user + system) / wall, 3),
+        "ack_p50_ms": ack.get("p50"),
+        "ack_p99_ms": ack.get("p99"),
+        "loadgen_server_cpu_us_per_msg": totals.get("server_cpu_us_per_msg"),
+    }
+    log(f"  {name}: {row['cpu_us_per_msg']} µs/msg (user {row['user_us_per_msg']}, system "
+        f"{row['system_us_per_msg']}), delivered {delivered:,}, lost {row['lost']}, "
+        f"dup {row['duplicated']}")  # fmt: skip
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--rate", type=int, default=20000)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--json", help="write the figures to this file")
+    a = ap.parse_args()
+    log(
+        f"floor: {a.connections:,} clients, {a.rate:,} msg/s for {a.duration:g} s, "
+        f"iris-fast ({a.workers} workers) then the floor relay (1 process)"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="iris-floor-") as tmp:
+        d = Path(tmp)
+        node = Node(str(d), "ours", a.workers).start(("ok",))
+        try:
+            assert node.proc is not None
+            rows.append(measure("iris-fast", node.proc.pid, node.port, d / "ours.json", a))
+        finally:
+            node.stop()
+        port = free_port()
+        relay = subprocess.Popen([sys.executable, str(BENCH / "floor_relay.py"), "--port",
+                                  str(port)], stdout=subprocess.DEVNULL,
+                                 start_new_session=True)  # fmt: skip
+        try:
+            _wait_port(port, relay)
+            rows.append(measure("floor relay", relay.pid, port, d / "floor.json", a))
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            try:
+                relay.wait(10)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+    ours, floor = rows
+    result: dict[str, Any] = {
+        "connections": a.connections,
+        "rate": a.rate,
+        "duration_s": a.duration,
+        "workers": a.workers,
+        "runs": rows,
+    }
+    if ours["cpu_us_per_msg"] and floor["cpu_us_per_msg"]:
+        result["ratio_ours_to_floor"] = round(ours["cpu_us_per_msg"] / floor["cpu_us_per_msg"], 2)
+        result["ours_above_floor_us"] = round(ours["cpu_us_per_msg"] - floor["cpu_us_per_msg"], 2)
+        result["floor_system_us_per_msg"] = floor["system_us_per_msg"]
+        log(f"  ours / floor: {result['ratio_ours_to_floor']}; the floor's system time alone is "
+            f"{floor['system_us_per_msg']} µs/msg")  # fmt: skip
+    text = json.dumps(result, indent=2)
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"floor relay exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("floor relay did not listen")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
