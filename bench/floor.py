@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from pair import Node, log
+from floor_relay import running
+from pair import Node, log, run_load
 
 from iris_fast.ports import free_port
 
-BENCH = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,45 +53,41 @@ def group_cpu(pgid: int) -> tuple[float, float, int]:
     return user, system, n
 
 
-def run_load(port: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "iris_fast", "load", "--port", str(port),
-           "--connections", str(args.connections), "--rate", str(args.rate),
-           "--duration", str(args.duration), "--json", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=600)  # fmt: skip
-    return json.loads(out.read_text())
-
-
 def measure(name: str, pgid: int, port: int, out: Path, args: argparse.Namespace) -> dict:
     """One load run against the server whose process group is ``pgid``."""
     u0, s0, _ = group_cpu(pgid)
     t0 = time.monotonic()
-    totals = run_load(port, out, args)
+    load_args = ["--connections", str(args.connections), "--rate", str(args.rate),
+                 "--duration", str(args.duration)]  # fmt: skip
+    totals = run_load(port, out, load_args)
     wall = time.monotonic() - t0
     u1, s1, procs = group_cpu(pgid)
-    delivered = totals.get("delivered") or 0
     user, system = u1 - u0, s1 - s0
-    per = (lambda x: round(x / delivered * 1e6, 2)) if delivered else (lambda x: None)
     ack = totals.get("ack_latency_ms") or {}
-    row = {
+    row = per_message({
         "server": name,
         "processes": procs,
-        "delivered": delivered,
+        "delivered": totals.get("delivered") or 0,
         "lost": totals.get("lost"),
         "duplicated": totals.get("duplicated"),
-        "cpu_us_per_msg": per(user + system),
-        "user_us_per_msg": per(user),
-        "system_us_per_msg": per(system),
         "cpu_utilisation": round((user + system) / wall, 3),
         "user_s": round(user, 3),
         "system_s": round(system, 3),
         "ack_p50_ms": ack.get("p50"),
         "ack_p99_ms": ack.get("p99"),
-        "loadgen_server_cpu_us_per_msg": totals.get("server_cpu_us_per_msg"),
-    }
+    })  # fmt: skip
     log(f"  {name}: {row['cpu_us_per_msg']} µs/msg (user {row['user_us_per_msg']}, system "
-        f"{row['system_us_per_msg']}), delivered {delivered:,}, lost {row['lost']}, "
+        f"{row['system_us_per_msg']}), delivered {row['delivered']:,}, lost {row['lost']}, "
         f"dup {row['duplicated']}")  # fmt: skip
+    return row
+
+
+def per_message(row: dict) -> dict:
+    """Fill in CPU, user and system µs per delivered message from the row's seconds."""
+    delivered, user, system = row["delivered"], row["user_s"], row["system_s"]
+    for key, value in (("cpu_us_per_msg", user + system), ("user_us_per_msg", user),
+                       ("system_us_per_msg", system)):  # fmt: skip
+        row[key] = round(value / delivered * 1e6, 2) if delivered else None
     return row
 
 
@@ -109,17 +103,8 @@ def run_ours(d: Path, a: argparse.Namespace) -> dict:
 def run_floor(d: Path, a: argparse.Namespace) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    relay = subprocess.Popen([sys.executable, str(BENCH / "floor_relay.py"), "--port", str(port)],
-                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        _wait_port(port, relay)
+    with running(port) as relay:
         return measure("floor relay", relay.pid, port, d / "floor.json", a)
-    finally:
-        relay.send_signal(signal.SIGTERM)
-        try:
-            relay.wait(10)
-        except subprocess.TimeoutExpired:
-            relay.kill()
 
 
 def pooled(rows: list[dict]) -> dict:
@@ -131,9 +116,7 @@ def pooled(rows: list[dict]) -> dict:
     out["lost"] = sum(r["lost"] or 0 for r in rows)
     out["duplicated"] = sum(r["duplicated"] or 0 for r in rows)
     out["user_s"], out["system_s"] = round(user, 3), round(system, 3)
-    for key, value in (("cpu_us_per_msg", user + system), ("user_us_per_msg", user),
-                       ("system_us_per_msg", system)):  # fmt: skip
-        out[key] = round(value / delivered * 1e6, 2) if delivered else None
+    per_message(out)
     # Latency percentiles do not pool: keep the worst round's.
     for key in ("ack_p50_ms", "ack_p99_ms"):
         values = [r[key] for r in rows if r[key] is not None]
@@ -192,21 +175,6 @@ def main() -> int:
         Path(a.json).write_text(text + "\n")
     print(text)
     return 0
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"floor relay exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("floor relay did not listen")
 
 
 if __name__ == "__main__":

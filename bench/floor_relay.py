@@ -20,6 +20,11 @@ import argparse
 import asyncio
 import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import iris_native as N
 import uvloop
@@ -121,6 +126,33 @@ async def serve(host: str, port: int) -> None:
     print(f"floor relay listening on {host}:{port}", flush=True)
     await stop.wait()
     server.close()
+
+
+@contextmanager
+def running(port: int, timeout: float = 30.0) -> Iterator[subprocess.Popen]:
+    """This relay as a child process in its own process group, listening on ``port``."""
+    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"floor relay exited with {proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("floor relay did not listen") from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> None:

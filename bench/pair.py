@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import iris_native as N
@@ -31,6 +32,15 @@ from iris_fast.scrape import fetch_health, fetch_metrics, wait_healthy
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_load(port: int, out: Path, args: list[str]) -> dict[str, Any]:
+    """``iris-fast load --port PORT --json OUT ARGS...``; its JSON (quiet, 600 s at most)."""
+    cmd = [sys.executable, "-m", "iris_fast", "load", "--port", str(port), "--json", str(out),
+           *args]  # fmt: skip
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=600)  # fmt: skip
+    return json.loads(out.read_text())
 
 
 class Node:

@@ -1158,14 +1158,13 @@ def headline(key: str, r: dict) -> str:
             ]
             return "; ".join(parts) + f" (target ≤ {TARGET_BYTES_PER_CONN:,})"
         if key == "b":
-            bal = r.get("balance", {})
+            bal, floor = r.get("balance", {}), r.get("floor") or {}
             return (
                 f"{fmt(r.get('server_cpu_us_per_msg'), 1)} µs/msg (target ≤ 15); worker "
                 f"min/max {fmt(bal.get('utilisation_ratio_min_max'), 2)} (≥ 0.75); lost "
                 f"{r.get('lost')}, dup {r.get('duplicated')}; ×"
-                f"{fmt((r.get('floor') or {}).get('ratio_ours_to_floor'), 2)} the floor relay, "
-                f"whose kernel time alone is "
-                f"{fmt((r.get('floor') or {}).get('floor_system_us_per_msg'), 1)} µs/msg"
+                f"{fmt(floor.get('ratio_ours_to_floor'), 2)} the floor relay, whose kernel "
+                f"time alone is {fmt(floor.get('floor_system_us_per_msg'), 1)} µs/msg"
             )
         if key == "c":
             return f"{fmt(r.get('best_rate_p99_under_10ms'))} msg/s at ACK p99 < 10 ms"

@@ -11,26 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from pair import Node, log
+from pair import Node, log, run_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tlsutil import make_cert  # noqa: E402
 
 
 def load(node: Node, out: Path, tls_ca: str | None, args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "iris_fast", "load", "--port", str(node.port),
-           "--server-http", f"127.0.0.1:{node.http}", "--json", str(out), *args]  # fmt: skip
-    if tls_ca:
-        cmd += ["--tls-ca", tls_ca]
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=600)  # fmt: skip
-    return json.loads(out.read_text())
+    extra = ["--tls-ca", tls_ca] if tls_ca else []
+    return run_load(node.port, out, ["--server-http", f"127.0.0.1:{node.http}", *args, *extra])
 
 
 def main() -> int:

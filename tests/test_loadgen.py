@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -174,27 +172,15 @@ def test_floor_relay_carries_the_load_generators_traffic_end_to_end(tmp_path):
     sent: every SEND delivered once and ACKed after the recipient's DELIVER_ACK."""
     from iris_fast.ports import free_port
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from floor_relay import running
+
     port = free_port()
-    relay_py = Path(__file__).resolve().parent.parent / "bench" / "floor_relay.py"
-    relay = subprocess.Popen([sys.executable, str(relay_py), "--port", str(port)],
-                             stdout=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert relay.poll() is None, "floor relay exited"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "floor relay never listened"
-                time.sleep(0.05)
+    with running(port, timeout=20):
         rc, data, out = run_load(tmp_path, "--port", str(port), "--connections", "20",
                                  "--rate", "400", "--duration", "1")  # fmt: skip
-        assert rc == 0, out
-        assert data is not None
-        assert data["sent"] > 300
-        assert data["acked"] == data["sent"] == data["delivered"]
-        assert data["lost"] == 0 and data["duplicated"] == 0
-    finally:
-        relay.terminate()
-        relay.wait(10)
+    assert rc == 0, out
+    assert data is not None
+    assert data["sent"] > 300
+    assert data["acked"] == data["sent"] == data["delivered"]
+    assert data["lost"] == 0 and data["duplicated"] == 0
