@@ -941,9 +941,8 @@ def md_floor(f: dict) -> list[str]:
         f"{', '.join(fmt(x, 2) for x in f.get('ratio_per_round') or [])}) "
         f"(+{fmt(f.get('ours_above_floor_us'), 1)} µs/msg for storage, dedup, limits, routing "
         f"between workers). The floor's system time alone, {fmt(sys_floor, 1)} µs/msg, is what "
-        "the kernel charges for this traffic's two socket reads and two socket writes per "
-        "message on loopback, whatever the server is written in (a native reactor could trim "
-        "only its polling, under a tenth of it)"
+        "the kernel charged in this run for this traffic's two socket reads and two socket "
+        "writes per message on loopback"
         + (f": above the {TARGET_CPU_US_PER_MSG:g} µs target by itself."
            if sys_floor is not None and sys_floor > TARGET_CPU_US_PER_MSG else "."),
     ]  # fmt: skip

@@ -38,7 +38,6 @@ def test_the_seeds_import_and_calls_work_unchanged(server):
 
 def test_iris_client_is_the_library_client():
     import iris_client
-
     from iris_fast import client
 
     assert iris_client.IrisClient is client.IrisClient
