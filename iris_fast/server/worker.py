@@ -59,11 +59,13 @@ STORE_LOW_WATER = 10_000
 # How long a login waits for its home worker to take the socket (queue full, or restarting).
 HANDOFF_RETRY_S = 10.0
 # Keys the TTL sweep looks at per housekeeping tick (one short read transaction each).
-TTL_SWEEP_KEYS = 2_000
+TTL_SWEEP_KEYS = 1_000
 # Mailboxes looked at per eviction step: bounds the work of one insertion into the cache.
 EVICT_SCAN = 64
-# How long a per-sender count read from storage is trusted (plus what was added since).
-SENDER_RECOUNT_S = 1.0
+# Per-sender counts read from storage are read again before a refusal once they are older
+# than SENDER_RECOUNT_S, and in any case once older than SENDER_REFRESH_S (see _sender_over).
+SENDER_RECOUNT_S = 2.0
+SENDER_REFRESH_S = 30.0
 
 
 class Mailbox:
@@ -879,37 +881,37 @@ class Worker:
     def _sender_over(self, to: str, mb: Mailbox, sender: str, nbytes: int) -> str | None:
         """Why this message would pass the per-sender bound of ``to``'s mailbox (None: it fits).
 
-        The count is only looked at when the whole mailbox is past a per-sender limit (no
-        sender can be past it before). It is read from LMDB at most once per SENDER_RECOUNT_S
-        per mailbox and counted up by what is stored in between, so a flood of refusals costs
-        one scan a second, and deletions are seen within that time."""
+        Only looked at when the whole mailbox is past a per-sender limit (no sender can be
+        past it before). The counts are read from LMDB (plus what _accept queued and is not
+        committed yet) and then counted up by what _accept stores; deletions and messages
+        stored by other paths (replicated, live deliveries stored later) are seen at the next
+        read: before a refusal if the counts are older than SENDER_RECOUNT_S, else every
+        SENDER_REFRESH_S. A flood of refusals costs one read per SENDER_RECOUNT_S.
+        """
         lim, blim = self._per_sender_limit, self._per_sender_bytes
         if not ((lim and mb.count >= lim) or (blim and mb.bytes + nbytes > blim)):
             mb.senders = None
             return None
         now = monotonic()
-        if mb.senders is None or now - mb.senders_at > SENDER_RECOUNT_S:
-            mb.senders = self.store.sender_usage(to)
-            mb.senders_at = now
-            if mb.queued_from and mb.uncommitted:
-                for seq, (who, size) in mb.queued_from.items():
-                    if seq in mb.uncommitted:
-                        used = mb.senders.get(who)
-                        if used is None:
-                            used = mb.senders[who] = [0, 0]
-                        used[0] += 1
-                        used[1] += size
-        used = mb.senders.get(sender)
-        if used is None:
-            return None
-        if lim and used[0] >= lim:
-            return (f"mailbox of {to!r} holds {used[0]} messages from {sender!r}, the per-sender "
-                    f"limit (--mailbox-per-sender-limit {lim})")  # fmt: skip
-        if blim and used[1] + nbytes > blim:
-            return (f"mailbox of {to!r} holds {used[1]} bytes from {sender!r}; this message "
-                    f"would pass the per-sender limit of {blim} "
-                    "(--mailbox-per-sender-max-bytes)")  # fmt: skip
-        return None
+        if mb.senders is None or now - mb.senders_at > SENDER_REFRESH_S:
+            self._count_senders(to, mb, now)
+        over = _sender_over_text(to, mb, sender, nbytes, lim, blim)
+        if over is not None and now - mb.senders_at > SENDER_RECOUNT_S:
+            self._count_senders(to, mb, now)
+            over = _sender_over_text(to, mb, sender, nbytes, lim, blim)
+        return over
+
+    def _count_senders(self, to: str, mb: Mailbox, now: float) -> None:
+        senders = mb.senders = self.store.sender_usage(to)
+        mb.senders_at = now
+        if mb.queued_from and mb.uncommitted:
+            for seq, (who, size) in mb.queued_from.items():
+                if seq in mb.uncommitted:
+                    used = senders.get(who)
+                    if used is None:
+                        used = senders[who] = [0, 0]
+                    used[0] += 1
+                    used[1] += size
 
     def sweep_expired(self, now_ms: int) -> int:
         """One bounded step of the TTL sweep (--message-ttl): delete stored messages older than
@@ -1181,6 +1183,22 @@ class Worker:
     def session_count(self) -> int:
         """Logged-in sessions on this worker (devices counted one by one)."""
         return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
+
+
+def _sender_over_text(
+    to: str, mb: Mailbox, sender: str, nbytes: int, lim: int, blim: int
+) -> str | None:
+    used = mb.senders.get(sender) if mb.senders is not None else None
+    if used is None:
+        return None
+    if lim and used[0] >= lim:
+        return (f"mailbox of {to!r} holds {used[0]} messages from {sender!r}, the per-sender "
+                f"limit (--mailbox-per-sender-limit {lim})")  # fmt: skip
+    if blim and used[1] + nbytes > blim:
+        return (f"mailbox of {to!r} holds {used[1]} bytes from {sender!r}; this message "
+                f"would pass the per-sender limit of {blim} "
+                "(--mailbox-per-sender-max-bytes)")  # fmt: skip
+    return None
 
 
 def _routed_size(frame: tuple) -> int:

@@ -239,21 +239,21 @@ class MailboxStore:
     def sender_usage(self, user: str) -> dict[str, list[int]]:
         """{sender: [messages, body bytes]} of ``user``'s committed mailbox (per-sender bound)."""
         prefix = user.encode() + b"\x00"
-        usage: dict[str, list[int]] = {}
-        with self.env.begin(db=self._msgs, buffers=True) as txn:
+        end = prefix[:-1] + b"\x01"  # sorts after every key of this user, before the next one's
+        raw: dict[bytes, list[int]] = {}
+        with self.env.begin(db=self._msgs) as txn:
             cur = txn.cursor()
             if cur.set_range(prefix):
                 for key, value in cur:
-                    if not bytes(key[: len(prefix)]) == prefix:
+                    if key >= end:
                         break
                     ls = value[8]
-                    sender = bytes(value[9 : 9 + ls]).decode()
-                    u = usage.get(sender)
+                    u = raw.get(value[9 : 9 + ls])
                     if u is None:
-                        u = usage[sender] = [0, 0]
+                        u = raw[value[9 : 9 + ls]] = [0, 0]
                     u[0] += 1
                     u[1] += len(value) - 10 - ls - value[9 + ls]
-        return usage
+        return {sender.decode(): u for sender, u in raw.items()}
 
     def scan_expired(
         self, start: bytes, cutoff_ms: int, max_keys: int, mine: Callable[[str], bool]
