@@ -212,6 +212,7 @@ def test_a_stopped_home_worker_pauses_its_senders_with_bounded_memory(server_fac
         # ...and its worker holds the bound plus at most one read, not the flood.
         routed = m['iris_worker_routed_bytes{worker="0"}']
         queued = m['iris_worker_link_queued_bytes{worker="0"}']
+        print(f"sending worker: {routed:.0f} bytes unanswered, {queued:.0f} queued on the link")
         assert limit // 2 < routed <= limit + (1 << 20), routed
         assert queued <= limit + (1 << 20), queued
         assert m["iris_link_backpressure_total"] >= 1
