@@ -859,14 +859,14 @@ class Worker:
                 self.evict_mailboxes(keep=user)
         return mb
 
-    def evict_mailboxes(self, keep: str | None = None) -> None:
+    def evict_mailboxes(self, keep: str | None = None, scan: int = EVICT_SCAN) -> None:
         """Forget least recently used mailboxes beyond --mailbox-cache whose state LMDB holds
-        entirely: no session (its cursor and window live in the mailbox's use), nothing queued
-        for the writer (uncommitted, deleting) and no per-device acks. Looks at EVICT_SCAN at
-        most; the ones it must keep go to the back, so the next call looks at others."""
+        entirely: no session here, nothing queued for the writer (uncommitted, deleting) and no
+        per-device acks; scan_mailbox rebuilds them. Looks at ``scan`` entries at most; the
+        ones it must keep go to the back, so the next call looks at others."""
         mbs = self.mailboxes
         excess = len(mbs) - len(self.sessions) - self._mailbox_cache
-        for _ in range(min(len(mbs), EVICT_SCAN)):
+        for _ in range(min(len(mbs), scan)):
             if excess <= 0:
                 return
             user, mb = mbs.popitem(last=False)
@@ -1156,7 +1156,8 @@ class Worker:
         if self.user_buckets:
             self._prune_user_buckets(now)
         if len(self.mailboxes) - len(self.sessions) > self._mailbox_cache:
-            self.evict_mailboxes()
+            # What insertions left (mailboxes whose puts were not durable yet), once a second.
+            self.evict_mailboxes(scan=EVICT_SCAN * 64)
 
     def _prune_user_buckets(self, now: float) -> None:
         """Forget buckets of users gone long enough for them to be full again (a reconnect must
