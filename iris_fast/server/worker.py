@@ -710,20 +710,9 @@ class Worker:
             if rcpt is not None and rcpt.inflight and len(rcpt.inflight) >= self._max_inflight:
                 # The recipient's window of unacknowledged deliveries is full: it waits stored.
                 stats.window_full += 1
-            if self._per_sender_limit or self._per_sender_bytes:
-                queued = mb.queued_from
-                if queued is None:
-                    queued = mb.queued_from = {}
-                elif not mb.uncommitted:
-                    queued.clear()
-                queued[seq] = (sender, len(body))
             self._store(to, mb, seq, sender, msg_id, now_ms, body)
-            if mb.senders is not None:
-                used = mb.senders.get(sender)
-                if used is None:
-                    used = mb.senders[sender] = [0, 0]
-                used[0] += 1
-                used[1] += len(body)
+            if self._per_sender_limit or self._per_sender_bytes:
+                self._count_stored(mb, seq, sender, len(body))
             if conn is not None and self.store.queued > STORE_HIGH_WATER:
                 conn.pause_reading()
                 self._paused_senders.add(conn)
@@ -900,6 +889,24 @@ class Worker:
             self._count_senders(to, mb, now)
             over = _sender_over_text(to, mb, sender, nbytes, lim, blim)
         return over
+
+    def _count_stored(self, mb: Mailbox, seq: int, sender: str, nbytes: int) -> None:
+        """_accept stored ``seq`` from ``sender``: keep the per-sender counts up to date."""
+        queued = mb.queued_from
+        if queued is None:
+            queued = mb.queued_from = {}
+        elif len(mb.uncommitted or ()) <= 1:  # only this one: the earlier ones are durable
+            queued.clear()
+        elif len(queued) > 2 * len(mb.uncommitted) + 64:
+            # Under a steady flow something is always uncommitted: drop what is durable.
+            mb.queued_from = queued = {k: v for k, v in queued.items() if k in mb.uncommitted}
+        queued[seq] = (sender, nbytes)
+        if mb.senders is not None:
+            used = mb.senders.get(sender)
+            if used is None:
+                used = mb.senders[sender] = [0, 0]
+            used[0] += 1
+            used[1] += nbytes
 
     def _count_senders(self, to: str, mb: Mailbox, now: float) -> None:
         senders = mb.senders = self.store.sender_usage(to)
