@@ -56,8 +56,8 @@ class ServerConfig:
     # answered before the senders of more are paused; stored mail per (recipient, sender); idle
     # mailboxes kept in memory per worker; age at which stored mail expires (0: never).
     link_max_bytes: int = 16 << 20
-    mailbox_per_sender_limit: int = 2_500
-    mailbox_per_sender_max_bytes: int = 16 << 20
+    mailbox_per_sender_limit: int = 5_000
+    mailbox_per_sender_max_bytes: int = 32 << 20
     mailbox_cache: int = 50_000
     message_ttl_s: float = 30 * 86400.0
     # Kernel send buffer per client socket (0: the kernel's autotuning, up to tcp_wmem's max).
