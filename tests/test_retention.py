@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -184,7 +186,12 @@ def test_a_stopped_home_worker_pauses_its_senders_with_bounded_memory(server_fac
         "--conn-rate-bytes", "0", "--rate-bytes", "0", "--conn-rate-msgs", "0", "--rate-msgs", "0",
     )  # fmt: skip
     sender, rcpt = users_on(2, 0, 1, prefix="bp")
+    (by_sender,) = users_on(2, 0, prefix="bpby")
+    (by_rcpt,) = users_on(2, 0, prefix="bpto")
     victim = srv.health()["workers"][1]["pid"]
+    # Logged in before the stop: a new connection could land on the stopped worker.
+    by = RawClient(srv.addr)
+    by.login(by_sender)
     body = b"p" * 8192
     n = 2048  # 16 MiB: far past the bound and the kernel's socket buffers
     s = RawClient(srv.addr, timeout=60)
@@ -216,6 +223,10 @@ def test_a_stopped_home_worker_pauses_its_senders_with_bounded_memory(server_fac
         assert limit // 2 < routed <= limit + (1 << 20), routed
         assert queued <= limit + (1 << 20), queued
         assert m["iris_link_backpressure_total"] >= 1
+        # Only the senders to the stopped worker wait: one on the same worker to a user homed
+        # there goes on.
+        by.send((N.SEND, "by-1", by_rcpt, b"not held up"))
+        assert by.expect(N.ACK, timeout=10)[1] == "by-1"
         os.kill(victim, signal.SIGCONT)
         stopped = False
         t.join(timeout=90)
@@ -244,3 +255,14 @@ def test_a_stopped_home_worker_pauses_its_senders_with_bounded_memory(server_fac
     assert [f for f in r.drain(0.5) if f[0] == N.DELIVER] == []
     m = srv.metrics()
     assert m["iris_routed_bytes"] == 0
+
+
+@pytest.mark.parametrize(
+    "option", ["--message-ttl", "--mailbox-per-sender-limit", "--mailbox-per-sender-max-bytes"]
+)
+def test_negative_retention_settings_are_refused_at_start(tmp_path, option):
+    cmd = [sys.executable, "-m", "iris_fast", "serve", "--data-dir", str(tmp_path / "d"),
+           "--port", "0", "--http-port", "0", option, "-1"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 2
+    assert f"{option} must not be negative (0 turns it off)" in r.stderr
