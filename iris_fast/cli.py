@@ -57,6 +57,16 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--mailbox-max-bytes", int, "stored body bytes per user before SEND gets MAILBOX_FULL"),
     ("--max-pending-writes", int, "bytes waiting to be written to clients, per worker, before "
      "the worker stops reading from clients"),
+    ("--link-max-bytes", int, "bytes of SENDs forwarded to one other worker and not yet "
+     "answered before their senders stop being read (until half of it is answered)"),
+    ("--mailbox-per-sender-limit", int, "stored messages from one sender per recipient before "
+     "SEND gets MAILBOX_FULL (0: no limit)"),
+    ("--mailbox-per-sender-max-bytes", int, "stored body bytes from one sender per recipient "
+     "before SEND gets MAILBOX_FULL (0: no limit)"),
+    ("--mailbox-cache", int, "mailboxes of users without a session kept in memory per worker "
+     "(least recently used go first; rebuilt from storage when needed)"),
+    ("--message-ttl", float, "seconds a stored message is kept undelivered before it is deleted "
+     "(0: never)"),
     ("--socket-sndbuf", int, "kernel send buffer per client socket, bytes (0: autotuned); "
      "caps kernel memory per slow reader"),
     ("--tls-cert", str, "PEM certificate chain: clients connect with TLS"),
@@ -73,6 +83,7 @@ FIELD_OF = {
     "--keepalive": "keepalive_s",
     "--heartbeat": "heartbeat_s",
     "--peer-timeout": "peer_timeout_s",
+    "--message-ttl": "message_ttl_s",
 }
 
 

@@ -52,6 +52,14 @@ class ServerConfig:
     max_conns_per_ip: int = 20_000
     mailbox_max_bytes: int = 64 << 20
     max_pending_writes: int = 256 << 20
+    # Issue 10 (docs/architecture.md): bytes of SENDs forwarded to one other worker and not yet
+    # answered before the senders of more are paused; stored mail per (recipient, sender); idle
+    # mailboxes kept in memory per worker; age at which stored mail expires (0: never).
+    link_max_bytes: int = 16 << 20
+    mailbox_per_sender_limit: int = 5_000
+    mailbox_per_sender_max_bytes: int = 32 << 20
+    mailbox_cache: int = 50_000
+    message_ttl_s: float = 30 * 86400.0
     # Kernel send buffer per client socket (0: the kernel's autotuning, up to tcp_wmem's max).
     socket_sndbuf: int = 0
     hibernate_after: float = 15.0
@@ -96,9 +104,14 @@ class ServerConfig:
             raise ValueError("--max-frame must be between 16 bytes and 16 MiB")
         if not 1 <= self.workers <= 256:
             raise ValueError("--workers must be between 1 and 256")
-        for name in ("max_inflight", "mailbox_limit", "max_errors"):
+        for name in ("max_inflight", "mailbox_limit", "max_errors", "link_max_bytes",
+                     "mailbox_cache"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("mailbox_per_sender_limit", "mailbox_per_sender_max_bytes", "message_ttl_s"):
+            if getattr(self, name) < 0:
+                flag = name.removesuffix("_s").replace("_", "-")
+                raise ValueError(f"--{flag} must not be negative (0 turns it off)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert:

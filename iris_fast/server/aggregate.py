@@ -26,6 +26,17 @@ PER_WORKER = {
         "counter",
         "Deliveries acknowledged per worker",
     ),
+    "iris_mailboxes": ("mailboxes", "gauge", "Mailboxes held in memory per worker"),
+    "iris_routed_bytes": (
+        "routed_bytes",
+        "gauge",
+        "Bytes forwarded to other workers and not yet answered, per worker",
+    ),
+    "iris_link_queued_bytes": (
+        "link_queued_bytes",
+        "gauge",
+        "Bytes queued on worker links, per worker",
+    ),
 }
 
 # Gauges whose node value is not the sum of the workers' values.

@@ -144,6 +144,22 @@ class _WorkerCollector:
             ),
             "iris_routed_in": ("Messages received from other workers", s.routed_in),
             "iris_routed_out": ("Messages forwarded to other workers", s.routed_out),
+            "iris_link_backpressure": (
+                "Times senders were paused: too many bytes forwarded to a worker were unanswered",
+                s.link_backpressure,
+            ),
+            "iris_mailbox_sender_full": (
+                "SENDs refused: the sender's share of the recipient's mailbox",
+                s.mailbox_sender_full,
+            ),
+            "iris_mailboxes_evicted": (
+                "Idle mailboxes dropped from memory (rebuilt from storage when needed)",
+                s.mailboxes_evicted,
+            ),
+            "iris_messages_expired": (
+                "Stored messages deleted undelivered at their TTL (--message-ttl)",
+                s.expired,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
@@ -179,6 +195,19 @@ class _WorkerCollector:
         )
         yield GaugeMetricFamily(
             "iris_storage_queue", "Storage operations waiting for the writer", value=w.store.queued
+        )
+        yield GaugeMetricFamily(
+            "iris_mailboxes", "Mailboxes held in memory", value=len(w.mailboxes)
+        )
+        yield GaugeMetricFamily(
+            "iris_routed_bytes",
+            "Bytes of SENDs forwarded to other workers and not yet answered",
+            value=sum(w.routed_bytes.values()),
+        )
+        yield GaugeMetricFamily(
+            "iris_link_queued_bytes",
+            "Bytes written to worker links that the kernel has not taken yet",
+            value=w.link_queued_bytes(),
         )
         rss = rss_bytes()
         yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)

@@ -39,6 +39,11 @@ class WorkerStats:
         "write_backpressure",
         "repl_applied",
         "repl_duplicates",
+        # Issue 10: retention and link back-pressure.
+        "link_backpressure",
+        "mailbox_sender_full",
+        "mailboxes_evicted",
+        "expired",
         "rejected_by_reason",
     )
 
@@ -70,6 +75,10 @@ class WorkerStats:
         self.write_backpressure = 0
         self.repl_applied = 0
         self.repl_duplicates = 0
+        self.link_backpressure = 0
+        self.mailbox_sender_full = 0
+        self.mailboxes_evicted = 0
+        self.expired = 0
         self.rejected_by_reason: dict[str, int] = {}
 
     def rejected(self, reason: str) -> None:

@@ -24,7 +24,7 @@ import logging
 import socket
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -58,12 +58,30 @@ STORE_HIGH_WATER = 50_000
 STORE_LOW_WATER = 10_000
 # How long a login waits for its home worker to take the socket (queue full, or restarting).
 HANDOFF_RETRY_S = 10.0
+# Keys the TTL sweep looks at per housekeeping tick (one short read transaction each).
+TTL_SWEEP_KEYS = 1_000
+# Mailboxes looked at per eviction step: bounds the work of one insertion into the cache.
+EVICT_SCAN = 64
+# Per-sender counts read from storage are read again before a refusal once they are older
+# than SENDER_RECOUNT_S, and in any case once older than SENDER_REFRESH_S (see _sender_over).
+SENDER_RECOUNT_S = 2.0
+SENDER_REFRESH_S = 30.0
 
 
 class Mailbox:
     """What the worker must know of one user's durable mailbox without reading LMDB."""
 
-    __slots__ = ("count", "bytes", "last_seq", "uncommitted", "deleting", "acks")
+    __slots__ = (
+        "count",
+        "bytes",
+        "last_seq",
+        "uncommitted",
+        "deleting",
+        "acks",
+        "senders",
+        "senders_at",
+        "queued_from",
+    )
 
     def __init__(self, count: int, last_seq: int, nbytes: int = 0) -> None:
         self.count = count  # stored (committed or queued) and not yet deleted
@@ -73,6 +91,13 @@ class Mailbox:
         self.deleting: set[int] | None = None  # seqs acknowledged, delete not yet durable
         # With several devices online: seq -> the sessions that acknowledged it so far.
         self.acks: dict[int, set[Connection]] | None = None
+        # Only while the mailbox is big enough for one sender to pass its bound: sender ->
+        # [messages, bytes], read from storage at ``senders_at`` plus what was stored since.
+        self.senders: dict[str, list[int]] | None = None
+        self.senders_at = 0.0
+        # seq -> (sender, body bytes) of messages stored by _accept since the mailbox last had
+        # nothing uncommitted: a count read from LMDB misses those, this adds them back.
+        self.queued_from: dict[int, tuple[str, int]] | None = None
 
     def add_queued(self, seq: int, nbytes: int) -> None:
         """Account for a message queued for storage here (its put not yet durable)."""
@@ -121,7 +146,19 @@ class Worker:
         # TLS sessions relayed to their home worker (iris_fast.server.tls).
         self.relays: set[TlsRelay] = set()
         self.unauthenticated: set[Connection] = set()
-        self.mailboxes: dict[str, Mailbox] = {}
+        # Least recently used first: mailboxes of users without a session are evicted beyond
+        # --mailbox-cache (their state is rebuilt from LMDB by _mailbox when needed again).
+        self.mailboxes: OrderedDict[str, Mailbox] = OrderedDict()
+        self._mailbox_cache = config.mailbox_cache
+        self._per_sender_limit = config.mailbox_per_sender_limit
+        self._per_sender_bytes = config.mailbox_per_sender_max_bytes
+        self._ttl_ms = int(config.message_ttl_s * 1000)
+        self._ttl_cursor = b""
+        # Back-pressure on worker links: bytes of self.routed per worker, and the senders whose
+        # reads are paused until that worker has answered enough of them.
+        self._link_max_bytes = config.link_max_bytes
+        self.routed_bytes: dict[int, int] = {}
+        self._link_paused: dict[int, set[Connection]] = {}
         self.dedup = DedupWindow(config.dedup_entries, int(config.dedup_age_s * 1000))
         self.draining = False
         self._dirty: list[Connection] = []
@@ -231,6 +268,9 @@ class Worker:
         self.connections.discard(conn)
         self.unauthenticated.discard(conn)
         self._paused_senders.discard(conn)
+        if self._link_paused:
+            for paused in self._link_paused.values():
+                paused.discard(conn)
         if conn.pending_input():
             self.stats.rejected("truncated")
         self._detach(conn)
@@ -258,7 +298,7 @@ class Worker:
             self.reads_paused = False
             log.info("pending writes down to %d bytes; reading again", pending)
             for c in self.connections:
-                if c not in self._paused_senders:
+                if c not in self._paused_senders and not self._link_held(c):
                     c.resume_reading()
 
     def on_writable(self, conn: Connection) -> None:
@@ -494,10 +534,17 @@ class Worker:
         pending = self.routed.get(home)
         if pending is None:
             pending = self.routed[home] = {}
+        old = pending.get((sender, msg_id))
         pending[(sender, msg_id)] = frame
+        nbytes = self.routed_bytes.get(home, 0) + _routed_size(frame)
+        if old is not None:  # a resend of a message still unanswered: one copy is kept
+            nbytes -= _routed_size(old)
+        self.routed_bytes[home] = nbytes
         assert self.links is not None
         self.links.send(home, frame)
         self.stats.routed_out += 1
+        if nbytes > self._link_max_bytes:
+            self._hold_for_link(conn, home, nbytes)
 
     def _rate_wait(self, conn: Connection, user: str, nbytes: int) -> float:
         """0.0 if this SEND fits both buckets (charged), else seconds until it would."""
@@ -535,16 +582,59 @@ class Worker:
     def on_route_ack(self, peer: int, user: str, msg_id: str, flags: int) -> None:
         pending = self.routed.get(peer)
         if pending is not None:
-            pending.pop((user, msg_id), None)
+            self._routed_done(peer, pending.pop((user, msg_id), None))
         self._ack_local(user, msg_id, flags)
 
     def on_route_error(self, peer: int, user: str, code: int, msg_id: str, reason: str) -> None:
         pending = self.routed.get(peer)
         if pending is not None:
-            pending.pop((user, msg_id), None)
+            self._routed_done(peer, pending.pop((user, msg_id), None))
         self.stats.refused += 1
         for conn in self._sessions_of(user):
             conn.send((P.ERROR, code, msg_id, reason))
+
+    def _hold_for_link(self, conn: Connection, home: int, nbytes: int) -> None:
+        """Worker ``home`` has too many of our SENDs unanswered (slow, stopped, restarting):
+        stop reading from this sender until it has answered half of them. What the sender's
+        last read already holds still goes through, so the bound is passed by at most one
+        read per paused sender."""
+        paused = self._link_paused.get(home)
+        if paused is None:
+            paused = self._link_paused[home] = set()
+            self.stats.link_backpressure += 1
+            log.warning("%d bytes forwarded to worker %d wait for an answer (limit %d); "
+                        "pausing its senders", nbytes, home, self._link_max_bytes)  # fmt: skip
+        if conn not in paused:
+            paused.add(conn)
+            conn.pause_reading()
+
+    def _routed_done(self, peer: int, frame: tuple | None) -> None:
+        """A forwarded SEND was answered: release its bytes, and its senders below half."""
+        if frame is None:
+            return
+        nbytes = self.routed_bytes.get(peer, 0) - _routed_size(frame)
+        self.routed_bytes[peer] = nbytes
+        if peer in self._link_paused and nbytes <= self._link_max_bytes // 2:
+            paused = self._link_paused.pop(peer)
+            log.info("worker %d answered; %d bytes wait now; reading again", peer, nbytes)
+            for c in paused:
+                if not self.reads_paused and c not in self._paused_senders:
+                    if not self._link_held(c):
+                        c.resume_reading()
+
+    def _link_held(self, conn: Connection) -> bool:
+        """Whether ``conn`` is paused for some worker link's bound."""
+        return any(conn in paused for paused in self._link_paused.values())
+
+    def link_queued_bytes(self) -> int:
+        """Bytes written to worker links that the kernel has not taken yet (a metric)."""
+        if self.links is None:
+            return 0
+        return sum(
+            link.transport.get_write_buffer_size()
+            for link in self.links.out.values()
+            if link.transport is not None
+        )
 
     def on_link_up(self, peer: int) -> None:
         """A link (re)connected: resend what that worker never answered, in order."""
@@ -577,6 +667,8 @@ class Worker:
         mb = self.mailboxes.get(to)
         if mb is None:
             mb = self._mailbox(to)
+        else:
+            self.mailboxes.move_to_end(to)
         if mb.count >= self._mailbox_limit:
             self.dedup.remove(sender, msg_id)
             stats.mailbox_full += 1
@@ -597,6 +689,12 @@ class Worker:
                 f"of {self._mailbox_max_bytes}",
             )  # fmt: skip
             return
+        over = self._sender_over(to, mb, sender, len(body))
+        if over is not None:
+            self.dedup.remove(sender, msg_id)
+            stats.mailbox_sender_full += 1
+            self._refuse_to(sender, conn, P.E_MAILBOX_FULL, msg_id, over)
+            return
         seq = self.store.next_seq()
         rcpt = self.sessions.get(to)
         if (
@@ -613,6 +711,8 @@ class Worker:
                 # The recipient's window of unacknowledged deliveries is full: it waits stored.
                 stats.window_full += 1
             self._store(to, mb, seq, sender, msg_id, now_ms, body)
+            if self._per_sender_limit or self._per_sender_bytes:
+                self._count_stored(mb, seq, sender, len(body))
             if conn is not None and self.store.queued > STORE_HIGH_WATER:
                 conn.pause_reading()
                 self._paused_senders.add(conn)
@@ -744,7 +844,111 @@ class Worker:
         if mb is None:
             count, last, nbytes = self.store.scan_mailbox(user)
             mb = self.mailboxes[user] = Mailbox(count, last, nbytes)
+            if len(self.mailboxes) - len(self.sessions) > self._mailbox_cache:
+                self.evict_mailboxes(keep=user)
         return mb
+
+    def evict_mailboxes(self, keep: str | None = None, scan: int = EVICT_SCAN) -> None:
+        """Forget least recently used mailboxes beyond --mailbox-cache whose state LMDB holds
+        entirely: no session here, nothing queued for the writer (uncommitted, deleting) and no
+        per-device acks; scan_mailbox rebuilds them. Looks at ``scan`` entries at most; the
+        ones it must keep go to the back, so the next call looks at others."""
+        mbs = self.mailboxes
+        excess = len(mbs) - len(self.sessions) - self._mailbox_cache
+        for _ in range(min(len(mbs), scan)):
+            if excess <= 0:
+                return
+            user, mb = mbs.popitem(last=False)
+            if user == keep or user in self.sessions or mb.uncommitted or mb.deleting or mb.acks:
+                mbs[user] = mb
+                if user == keep:
+                    return  # went round: everything before it was looked at
+            else:
+                excess -= 1
+                self.stats.mailboxes_evicted += 1
+
+    def _sender_over(self, to: str, mb: Mailbox, sender: str, nbytes: int) -> str | None:
+        """Why this message would pass the per-sender bound of ``to``'s mailbox (None: it fits).
+
+        Only looked at when the whole mailbox is past a per-sender limit (no sender can be
+        past it before). The counts are read from LMDB (plus what _accept queued and is not
+        committed yet) and then counted up by what _accept stores; deletions and messages
+        stored by other paths (replicated, live deliveries stored later) are seen at the next
+        read: before a refusal if the counts are older than SENDER_RECOUNT_S, else every
+        SENDER_REFRESH_S. A flood of refusals costs one read per SENDER_RECOUNT_S.
+        """
+        lim, blim = self._per_sender_limit, self._per_sender_bytes
+        if not ((lim and mb.count >= lim) or (blim and mb.bytes + nbytes > blim)):
+            mb.senders = None
+            return None
+        now = monotonic()
+        if mb.senders is None or now - mb.senders_at > SENDER_REFRESH_S:
+            self._count_senders(to, mb, now)
+        over = _sender_over_text(to, mb, sender, nbytes, lim, blim)
+        if over is not None and now - mb.senders_at > SENDER_RECOUNT_S:
+            self._count_senders(to, mb, now)
+            over = _sender_over_text(to, mb, sender, nbytes, lim, blim)
+        return over
+
+    def _count_stored(self, mb: Mailbox, seq: int, sender: str, nbytes: int) -> None:
+        """_accept stored ``seq`` from ``sender``: keep the per-sender counts up to date."""
+        queued = mb.queued_from
+        if queued is None:
+            queued = mb.queued_from = {}
+        elif len(mb.uncommitted or ()) <= 1:  # only this one: the earlier ones are durable
+            queued.clear()
+        elif len(queued) > 2 * len(mb.uncommitted) + 64:
+            # Under a steady flow something is always uncommitted: drop what is durable.
+            mb.queued_from = queued = {k: v for k, v in queued.items() if k in mb.uncommitted}
+        queued[seq] = (sender, nbytes)
+        if mb.senders is not None:
+            used = mb.senders.get(sender)
+            if used is None:
+                used = mb.senders[sender] = [0, 0]
+            used[0] += 1
+            used[1] += nbytes
+
+    def _count_senders(self, to: str, mb: Mailbox, now: float) -> None:
+        senders = mb.senders = self.store.sender_usage(to)
+        mb.senders_at = now
+        if mb.queued_from and mb.uncommitted:
+            for seq, (who, size) in mb.queued_from.items():
+                if seq in mb.uncommitted:
+                    used = senders.get(who)
+                    if used is None:
+                        used = senders[who] = [0, 0]
+                    used[0] += 1
+                    used[1] += size
+
+    def sweep_expired(self, now_ms: int) -> int:
+        """One bounded step of the TTL sweep (--message-ttl): delete stored messages older than
+        the TTL from the mailboxes of users homed here that have no session here (an online
+        user's mailbox is being delivered, and a message in flight must not be deleted under
+        its DELIVER_ACK). The delete is store.delete: it logs a DEL record, so the peer deletes
+        its copy too. Returns the number of messages expired by this step."""
+        if not self._ttl_ms:
+            return 0
+        index, workers = self.index, self.workers
+
+        def mine(user: str) -> bool:
+            return user not in self.sessions and home_of(user, workers) == index
+
+        found, self._ttl_cursor = self.store.scan_expired(
+            self._ttl_cursor, now_ms - self._ttl_ms, TTL_SWEEP_KEYS, mine
+        )
+        expired = 0
+        for user, seq, size in found:
+            mb = self._mailbox(user)
+            if mb.deleting and seq in mb.deleting:
+                continue
+            if mb.acks:
+                mb.acks.pop(seq, None)
+            self._delete_stored(user, mb, seq, size)
+            expired += 1
+        if expired:
+            self.stats.expired += expired
+            log.info("expired %d stored messages older than %g s", expired, self._ttl_ms / 1000)
+        return expired
 
     def _deliver(self, conn: Connection, rec: Record) -> None:
         tag = conn.next_tag
@@ -958,6 +1162,9 @@ class Worker:
                 conn.hibernate()
         if self.user_buckets:
             self._prune_user_buckets(now)
+        if len(self.mailboxes) - len(self.sessions) > self._mailbox_cache:
+            # What insertions left (mailboxes whose puts were not durable yet), once a second.
+            self.evict_mailboxes(scan=EVICT_SCAN * 64)
 
     def _prune_user_buckets(self, now: float) -> None:
         """Forget buckets of users gone long enough for them to be full again (a reconnect must
@@ -984,6 +1191,27 @@ class Worker:
     def session_count(self) -> int:
         """Logged-in sessions on this worker (devices counted one by one)."""
         return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
+
+
+def _sender_over_text(
+    to: str, mb: Mailbox, sender: str, nbytes: int, lim: int, blim: int
+) -> str | None:
+    used = mb.senders.get(sender) if mb.senders is not None else None
+    if used is None:
+        return None
+    if lim and used[0] >= lim:
+        return (f"mailbox of {to!r} holds {used[0]} messages from {sender!r}, the per-sender "
+                f"limit (--mailbox-per-sender-limit {lim})")  # fmt: skip
+    if blim and used[1] + nbytes > blim:
+        return (f"mailbox of {to!r} holds {used[1]} bytes from {sender!r}; this message "
+                f"would pass the per-sender limit of {blim} "
+                "(--mailbox-per-sender-max-bytes)")  # fmt: skip
+    return None
+
+
+def _routed_size(frame: tuple) -> int:
+    """Bytes a forwarded ROUTE_SEND holds: its body, ids and a small header."""
+    return len(frame[6]) + len(frame[3]) + len(frame[4]) + len(frame[5]) + 32
 
 
 def _average(mb: Mailbox) -> int:

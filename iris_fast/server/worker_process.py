@@ -136,6 +136,7 @@ async def run_worker(config: ServerConfig) -> int:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             worker.sweep(monotonic())
+            worker.sweep_expired(int(time.time() * 1000))
             metrics.tick()
             if time.monotonic() - last_prune > DEDUP_PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()

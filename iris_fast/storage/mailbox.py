@@ -236,6 +236,56 @@ class MailboxStore:
                     out.append((key[8:24], _TS.unpack_from(key, 0)[0]))
         return out
 
+    def sender_usage(self, user: str) -> dict[str, list[int]]:
+        """{sender: [messages, body bytes]} of ``user``'s committed mailbox (per-sender bound)."""
+        prefix = user.encode() + b"\x00"
+        end = prefix[:-1] + b"\x01"  # sorts after every key of this user, before the next one's
+        raw: dict[bytes, list[int]] = {}
+        with self.env.begin(db=self._msgs) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if key >= end:
+                        break
+                    ls = value[8]
+                    u = raw.get(value[9 : 9 + ls])
+                    if u is None:
+                        u = raw[value[9 : 9 + ls]] = [0, 0]
+                    u[0] += 1
+                    u[1] += len(value) - 10 - ls - value[9 + ls]
+        return {sender.decode(): u for sender, u in raw.items()}
+
+    def scan_expired(
+        self, start: bytes, cutoff_ms: int, max_keys: int, mine: Callable[[str], bool]
+    ) -> tuple[list[tuple[str, int, int]], bytes]:
+        """One bounded step of the TTL sweep: messages older than ``cutoff_ms`` (epoch ms) of
+        the users ``mine`` accepts, from key ``start`` on, looking at most at ``max_keys`` keys.
+
+        Returns [(user, seq, value bytes)] and the key to start the next step at (b"": the end
+        was reached, start again from the beginning). A mailbox is in ``seq`` order, which is
+        arrival order, so the first message young enough ends the look at that mailbox: the
+        cursor jumps to the next user (``user | 0x01`` sorts after every key of ``user`` and
+        before any other user's, as user ids hold no NUL)."""
+        out: list[tuple[str, int, int]] = []
+        with self.env.begin(db=self._msgs, buffers=True) as txn:
+            cur = txn.cursor()
+            on = cur.set_range(start)
+            examined = 0
+            while on and examined < max_keys:
+                examined += 1
+                key = bytes(cur.key())
+                ubytes = key[:-9]
+                user = ubytes.decode()
+                if mine(user):
+                    value = cur.value()
+                    if _TS.unpack_from(value, 0)[0] <= cutoff_ms:
+                        out.append((user, _SEQ.unpack_from(key, len(key) - 8)[0], len(value)))
+                        on = cur.next()
+                        continue
+                on = cur.set_range(ubytes + b"\x01")
+            nxt = bytes(cur.key()) if on else b""
+        return out, nxt
+
     # ---- writes (queued from the loop thread, applied by the writer) -------------------------
 
     def put(
