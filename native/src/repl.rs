@@ -52,6 +52,8 @@ pub enum Record {
     Dedup {
         key: [u8; 16],
         ts_ms: u64,
+        /// `dedup::sender_hash` of the key's sender (the key cannot tell).
+        sender: u64,
     },
 }
 
@@ -73,6 +75,8 @@ pub enum RecordRef<'a> {
     Dedup {
         key: [u8; 16],
         ts_ms: u64,
+        /// `dedup::sender_hash` of the key's sender (the key cannot tell).
+        sender: u64,
     },
 }
 
@@ -95,9 +99,10 @@ impl Record {
                 body,
             },
             Record::Del { user, seq } => RecordRef::Del { user, seq: *seq },
-            Record::Dedup { key, ts_ms } => RecordRef::Dedup {
+            Record::Dedup { key, ts_ms, sender } => RecordRef::Dedup {
                 key: *key,
                 ts_ms: *ts_ms,
+                sender: *sender,
             },
         }
     }
@@ -133,7 +138,7 @@ impl RecordRef<'_> {
                 user: user.to_owned(),
                 seq,
             },
-            RecordRef::Dedup { key, ts_ms } => Record::Dedup { key, ts_ms },
+            RecordRef::Dedup { key, ts_ms, sender } => Record::Dedup { key, ts_ms, sender },
         }
     }
 
@@ -156,7 +161,7 @@ impl RecordRef<'_> {
                     + body.len()
             }
             RecordRef::Del { user, .. } => 1 + check_str(f, "user", user, STR8_MAX)? + 8,
-            RecordRef::Dedup { .. } => 1 + 16 + 8,
+            RecordRef::Dedup { .. } => 1 + 16 + 8 + 8,
         })
     }
 
@@ -184,9 +189,10 @@ impl RecordRef<'_> {
                 w.str8(user);
                 w.bytes(&seq.to_be_bytes());
             }
-            RecordRef::Dedup { key, ts_ms } => {
+            RecordRef::Dedup { key, ts_ms, sender } => {
                 w.bytes(&key);
                 w.bytes(&ts_ms.to_be_bytes());
+                w.bytes(&sender.to_be_bytes());
             }
         }
     }
@@ -224,6 +230,7 @@ fn read_record<'a>(r: &mut Reader<'a>, index: u32) -> Result<RecordRef<'a>, Deco
         REC_DEDUP => RecordRef::Dedup {
             key: r.array::<16>("key").map_err(at)?,
             ts_ms: r.u64("ts_ms").map_err(at)?,
+            sender: r.u64("sender").map_err(at)?,
         },
         other => {
             return Err(DecodeError {
@@ -589,6 +596,7 @@ mod tests {
                     Record::Dedup {
                         key: [0xab; 16],
                         ts_ms: 5,
+                        sender: u64::MAX,
                     },
                     put("", "", "", b""),
                 ],
@@ -734,6 +742,7 @@ mod tests {
                 Record::Dedup {
                     key: [9; 16],
                     ts_ms: 6,
+                    sender: 7,
                 },
             ],
         };
@@ -746,6 +755,7 @@ mod tests {
         p.push(REC_DEDUP);
         p.extend([9; 16]);
         p.extend([0, 0, 0, 0, 0, 0, 0, 6]);
+        p.extend([0, 0, 0, 0, 0, 0, 0, 7]);
         assert_eq!(enc(&f), raw(REPL_APPEND, &p));
     }
 
@@ -964,6 +974,7 @@ mod tests {
                 Record::Dedup {
                     key: [0; 16],
                     ts_ms: 0,
+                    sender: 0,
                 },
                 r,
             ],
