@@ -5,8 +5,10 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
 * ``msgs``:  key ``user | 0x00 | seq u64 BE`` -> ``ts u64 | sender str8 | msg_id str8 | body``.
   Keys of one user sort by ``seq``, and ``seq`` comes from one node-wide counter that only grows,
   so a prefix scan yields a mailbox in arrival order.
-* ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> empty. Time-ordered so that
-  pruning the window is a range delete from the front and reloading it is one scan.
+* ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> ``xxh3-64 of sender u64 BE``
+  (empty in tables written before issue 10). Time-ordered so that pruning the window is a range
+  delete from the front and reloading it is one scan; the sender hash lets a reload put each
+  entry back in its sender's share of the window (``DedupWindow.load`` takes key || value).
 * ``meta``:  ``seq_hwm:<worker>`` -> the highest ``seq`` handed out, so the counter survives
   restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
   replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here.
@@ -34,7 +36,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import iris_native as N
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
 _SEQ_HWM = b"seq_hwm"
+_NO_SENDER = bytes(8)
 
 # How long a deletion or dedup entry may wait to join a bigger batch.
 LAZY_DELAY_S = 0.05
@@ -53,7 +56,8 @@ LAZY_DELAY_S = 0.05
 StoredMessage = tuple[int, str, str, int, bytes]
 
 # A replication record as the codec represents it: (REC_PUT, user, seq, ts_ms, sender, msg_id,
-# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms), and one with its log position.
+# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms, sender_hash), and one with its log
+# position.
 Record = tuple[Any, ...]
 LoggedRecord = tuple[int, Record]
 
@@ -225,16 +229,24 @@ class MailboxStore:
                     break
         return out
 
-    def load_dedup(self, max_age_ms: int) -> list[tuple[bytes, int]]:
-        """The persisted dedup entries younger than ``max_age_ms``: (16-byte key, ts_ms)."""
+    def iter_dedup(self, max_age_ms: int, batch: int = 8192) -> Iterator[bytes]:
+        """The persisted dedup entries younger than ``max_age_ms``, oldest first, in chunks of up
+        to ``batch`` 32-byte records ``ts_ms | key16 | sender u64`` for ``DedupWindow.load``: a
+        restart streams the table instead of holding it as a list of Python tuples."""
         floor = int(time.time() * 1000) - max_age_ms
-        out = []
         with self.env.begin(db=self._dedup) as txn:
             cur = txn.cursor()
-            if cur.set_range(_TS.pack(max(floor, 0))):
-                for key in cur.iternext(keys=True, values=False):
-                    out.append((key[8:24], _TS.unpack_from(key, 0)[0]))
-        return out
+            if not cur.set_range(_TS.pack(max(floor, 0))):
+                return
+            chunk: list[bytes] = []
+            for key, value in cur.iternext(keys=True, values=True):
+                # Entries from before the sender hash share sender 0.
+                chunk.append(key + value if len(value) == 8 else key + _NO_SENDER)
+                if len(chunk) >= batch:
+                    yield b"".join(chunk)
+                    chunk.clear()
+            if chunk:
+                yield b"".join(chunk)
 
     # ---- writes (queued from the loop thread, applied by the writer) -------------------------
 
@@ -252,6 +264,8 @@ class MailboxStore:
         """Queue a message; ``done`` runs on the loop once it is durable. Returns its LSN in
         the replication log (0 when the node is not replicated)."""
         lsn, log = self._log((N.REC_PUT, user, seq, ts_ms, sender, msg_id, body))
+        if dedup_key is not None:
+            dedup_key += _SEQ.pack(N.dedup_sender(sender))
         op = (
             "put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key,
             lsn, log,
@@ -264,10 +278,12 @@ class MailboxStore:
         lsn, log = self._log((N.REC_DEL, user, seq))
         self._enqueue(("del", mailbox_key(user, seq), lsn, log), done)
 
-    def put_dedup(self, dedup_key: bytes, ts_ms: int) -> None:
-        """Persist a dedup entry of a message that completed without being stored."""
-        lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms))
-        self._enqueue(("dedup", _TS.pack(ts_ms) + dedup_key, lsn, log), None)
+    def put_dedup(self, dedup_key: bytes, ts_ms: int, sender_hash: int = 0) -> None:
+        """Persist a dedup entry of a message that completed without being stored;
+        ``sender_hash`` is ``dedup_sender(sender)``."""
+        lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms, sender_hash))
+        op = ("dedup", _TS.pack(ts_ms) + dedup_key, _SEQ.pack(sender_hash), lsn, log)
+        self._enqueue(op, None)
 
     def _log(self, rec: Record) -> tuple[int, bytes | None]:
         if not self.replicated:
@@ -423,11 +439,12 @@ class MailboxStore:
                 if kind == "put":
                     txn.put(op[1], op[2], db=msgs)
                     if op[3] is not None:
-                        txn.put(_TS.pack(int(time.time() * 1000)) + op[3], b"", db=dedup)
+                        ts = _TS.pack(int(time.time() * 1000))
+                        txn.put(ts + op[3][:16], op[3][16:], db=dedup)
                 elif kind == "del":
                     txn.delete(op[1], db=msgs)
                 elif kind == "dedup":
-                    txn.put(op[1], b"", db=dedup)
+                    txn.put(op[1], op[2], db=dedup)
                 elif kind == "apply":
                     op[3][:] = [self._apply_record(txn, rec) for rec in op[1]]
                     txn.put(self._applied_key, _SEQ.pack(op[2]), db=self._meta)
@@ -463,11 +480,12 @@ class MailboxStore:
                 overwrite=False, db=self._msgs,
             )  # fmt: skip
             if new:
-                txn.put(_TS.pack(ts_ms) + N.dedup_key(sender, msg_id), b"", db=self._dedup)
+                who = _SEQ.pack(N.dedup_sender(sender))
+                txn.put(_TS.pack(ts_ms) + N.dedup_key(sender, msg_id), who, db=self._dedup)
             return bool(new)
         if kind == N.REC_DEL:
             return bool(txn.delete(mailbox_key(rec[1], rec[2]), db=self._msgs))
-        txn.put(_TS.pack(rec[2]) + rec[1], b"", db=self._dedup)
+        txn.put(_TS.pack(rec[2]) + rec[1], _SEQ.pack(rec[3]), db=self._dedup)
         return True
 
     def close(self) -> None:
