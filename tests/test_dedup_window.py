@@ -6,6 +6,7 @@ whatever other senders do; the share survives a restart; /metrics shows the wind
 
 from __future__ import annotations
 
+import re
 import time
 
 import iris_native as N
@@ -102,3 +103,35 @@ def test_metrics_show_the_real_age_and_evictions_before_full_age(server_factory)
     assert m["iris_dedup_evictions_total"] == FLOOD - (BUDGET - 1)
     # Alice's entry is still the oldest: the window still spans from her message.
     assert m["iris_dedup_age_seconds"] >= 1.4
+
+
+def _reloaded(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"reloaded (\d+) dedup entries", log)]
+
+
+def test_each_worker_reloads_only_its_own_entries_unless_the_worker_count_changed(
+    server_factory,
+):
+    server = server_factory("--workers", "2")
+    alice = RawClient(server.addr)
+    alice.login("alice")
+    n = 40
+    # Recipients spread over both workers (users are homed by a hash of their name).
+    _send_all(alice, [(N.SEND, f"a{i}", f"dst{i}", b"x") for i in range(n)])
+    alice.close()
+    assert server.terminate() == 0
+    mark = len(server.full_log())
+    server.restart()
+    # Each entry is reloaded once, by the worker that owns its recipient (not once per worker).
+    assert sum(_reloaded(server.full_log()[mark:])) == n, server.full_log()[mark:]
+    assert server.terminate() == 0
+    mark = len(server.full_log())
+    # One worker now owns every user: it reads every worker's table.
+    server.extra[server.extra.index("--workers") + 1] = "1"
+    server.restart()
+    assert _reloaded(server.full_log()[mark:]) == [n]
+    alice = RawClient(server.addr)
+    alice.login("alice")
+    alice.send(*[(N.SEND, f"a{i}", f"dst{i}", b"x") for i in range(n)])
+    acks = alice.collect(N.ACK, n, timeout=30)
+    assert len(acks) == n and all(a[2] & N.ACK_DUPLICATE for a in acks), acks

@@ -158,7 +158,7 @@ class Worker:
         # Python objects (docs/architecture.md, "Issue 10: dedup window").
         loaded = 0
         now_ms = int(time.time() * 1000)
-        for chunk in store.iter_dedup(int(config.dedup_age_s * 1000)):
+        for chunk in store.iter_dedup(int(config.dedup_age_s * 1000), config.workers):
             loaded += self.dedup.load(chunk, now_ms)
         if loaded:
             log.info("reloaded %d dedup entries from storage", loaded)

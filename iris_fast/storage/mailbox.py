@@ -5,13 +5,16 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
 * ``msgs``:  key ``user | 0x00 | seq u64 BE`` -> ``ts u64 | sender str8 | msg_id str8 | body``.
   Keys of one user sort by ``seq``, and ``seq`` comes from one node-wide counter that only grows,
   so a prefix scan yields a mailbox in arrival order.
-* ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> ``xxh3-64 of sender u64 BE``
-  (empty in tables written before issue 10). Time-ordered so that pruning the window is a range
-  delete from the front and reloading it is one scan; the sender hash lets a reload put each
-  entry back in its sender's share of the window (``DedupWindow.load`` takes key || value).
+* ``dedup:<worker>`` (one per worker: a restart reloads its own only): key ``ts_ms u64 BE |
+  xxh3-128 of (sender, msg_id)`` -> ``xxh3-64 of sender u64 BE``. Time-ordered so that pruning
+  the window is a range delete from the front and reloading it is one scan; the sender hash lets
+  a reload put each entry back in its sender's share of the window (``DedupWindow.load`` takes
+  key || value). ``dedup`` is the table all workers shared before issue 10 (empty values): read
+  and pruned, no longer written.
 * ``meta``:  ``seq_hwm:<worker>`` -> the highest ``seq`` handed out, so the counter survives
   restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
-  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here.
+  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here;
+  ``dedup_workers:<worker>`` -> the ``--workers`` the worker last reloaded its dedup table with.
 * ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
   encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
   mailbox change it describes and trimmed once the peer has acknowledged it
@@ -30,6 +33,7 @@ next batch piles up: that is the group commit, with no timer and no tuning knob.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import struct
@@ -119,7 +123,9 @@ class MailboxStore:
             path, map_size=map_size, max_dbs=300, sync=False, metasync=False, writemap=False
         )
         self._msgs = self.env.open_db(b"msgs")
-        self._dedup = self.env.open_db(b"dedup")
+        self._dedup = self.env.open_db(b"dedup:%d" % writer_id)
+        self._dedup_shared = self.env.open_db(b"dedup")
+        self._dedup_layout_key = b"dedup_workers:%d" % writer_id
         self._meta = self.env.open_db(b"meta")
         self._rlog = self.env.open_db(b"rlog:%d" % writer_id)
         self.writer_id = writer_id
@@ -229,17 +235,33 @@ class MailboxStore:
                     break
         return out
 
-    def iter_dedup(self, max_age_ms: int, batch: int = 8192) -> Iterator[bytes]:
+    def iter_dedup(self, max_age_ms: int, workers: int, batch: int = 8192) -> Iterator[bytes]:
         """The persisted dedup entries younger than ``max_age_ms``, oldest first, in chunks of up
         to ``batch`` 32-byte records ``ts_ms | key16 | sender u64`` for ``DedupWindow.load``: a
-        restart streams the table instead of holding it as a list of Python tuples."""
-        floor = int(time.time() * 1000) - max_age_ms
-        with self.env.begin(db=self._dedup) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(_TS.pack(max(floor, 0))):
-                return
+        restart streams the table instead of holding it as a list of Python tuples.
+
+        Only this worker's table, unless ``workers`` differs from the last reload's (or this is
+        the first): users may then have moved between workers, so every worker's entries (and
+        the pre-issue-10 shared table) are read; the window's fair split and age bound trim
+        what does not belong here."""
+        floor = _TS.pack(max(int(time.time() * 1000) - max_age_ms, 0))
+        if self._load_u64(self._dedup_layout_key) == workers:
+            tables = [self._dedup]
+        else:
+            with self.env.begin() as txn:
+                names = [k for k in txn.cursor().iternext(values=False)
+                         if k == b"dedup" or k.startswith(b"dedup:")]  # fmt: skip
+            tables = [self.env.open_db(name) for name in names]
+        with self.env.begin() as txn:
+            runs = []
+            for db in tables:
+                cur = txn.cursor(db=db)
+                if cur.set_range(floor):
+                    runs.append(cur.iternext(keys=True, values=True))
+            # One table: its own order; several: merged by time.
+            rows = runs[0] if len(runs) == 1 else heapq.merge(*runs)
             chunk: list[bytes] = []
-            for key, value in cur.iternext(keys=True, values=True):
+            for key, value in rows:
                 # Entries from before the sender hash share sender 0.
                 chunk.append(key + value if len(value) == 8 else key + _NO_SENDER)
                 if len(chunk) >= batch:
@@ -247,6 +269,8 @@ class MailboxStore:
                     chunk.clear()
             if chunk:
                 yield b"".join(chunk)
+        with self.env.begin(write=True, db=self._meta) as txn:
+            txn.put(self._dedup_layout_key, _SEQ.pack(workers))
 
     # ---- writes (queued from the loop thread, applied by the writer) -------------------------
 
@@ -457,11 +481,12 @@ class MailboxStore:
                                 break
                     continue
                 elif kind == "prune":
-                    cur = txn.cursor(db=dedup)
-                    if cur.first():
-                        while cur.key() < op[1]:
-                            if not cur.delete():
-                                break
+                    for db in (dedup, self._dedup_shared):
+                        cur = txn.cursor(db=db)
+                        if cur.first():
+                            while cur.key() < op[1]:
+                                if not cur.delete():
+                                    break
                     continue
                 lsn = op[-2]
                 if lsn:
