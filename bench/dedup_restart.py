@@ -1,17 +1,20 @@
 """Restart reload of the dedup window: seconds and peak RSS to load N persisted entries.
 
 Writes N entries (default 1,000,000; 1,000 senders; timestamps spread over the last half hour)
-into a real LMDB ``dedup`` table in the current layout (``ts | key16`` -> ``sender u64``), then
-loads them in two fresh processes, one after the other, in the same run:
+into a real LMDB dedup table in the current layout (``dedup:0``: ``ts | key16 | sender u64``
+keys), then loads them in two fresh processes, one after the other, in the same run:
 
 * ``before``: the reload as of commit 167d589 (``load_dedup``: a Python list of (key, ts) tuples,
-  then one ``DedupWindow.insert_key`` call per entry). With ``--old-native DIR`` (a directory
-  holding the iris_native extension built from 167d589, e.g. ``pip install --target DIR``) it
-  runs with that extension, i.e. the old window too; without it, with the current window.
+  then one ``DedupWindow.insert_key`` call per entry; same code, reading ``dedup:0``). With
+  ``--old-native DIR`` (a directory holding the iris_native extension built from 167d589, e.g.
+  ``pip install --target DIR``) it runs with that extension, i.e. the old window too; without
+  it, with the current window.
 * ``after``: the current reload (``MailboxStore.iter_dedup`` chunks into ``DedupWindow.load``).
 
-Each process reports the load's wall seconds, its RSS before the load, its peak RSS
-(``ru_maxrss``) and its RSS after; ``after`` also the window's own ``memory_bytes`` per entry.
+Each process reports the load's wall seconds, its RSS before the load, its RSS once loaded
+(window alive), its peak RSS (``ru_maxrss``: the load's transient garbage included); ``after``
+also the window's own ``memory_bytes`` per entry. RSS includes the LMDB pages read (the map is
+file-backed), the same in both.
 Figures only, no assertions.
 
     python bench/dedup_restart.py --entries 1000000 [--old-native /tmp/dedup_old/site]
@@ -43,7 +46,10 @@ def build(path: str, n: int, senders: int) -> None:
     import iris_native as N
 
     env = lmdb.open(path, map_size=1 << 33, max_dbs=300, sync=False, metasync=False)
-    db = env.open_db(b"dedup")
+    db = env.open_db(b"dedup:0")
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        # Worker 0 of 1 last reloaded with --workers 1: the reload reads its own table only.
+        txn.put(b"dedup_workers:0", _U64.pack(1))
     now = int(time.time() * 1000)
     span = 30 * 60 * 1000
     hashes = [N.dedup_sender(f"user{s}") for s in range(senders)]
@@ -54,8 +60,8 @@ def build(path: str, n: int, senders: int) -> None:
             for i in range(start, min(start + step, n)):
                 s = i % senders
                 ts = now - span + span * i // n
-                key = _U64.pack(ts) + N.dedup_key(f"user{s}", f"m{i}")
-                items.append((key, _U64.pack(hashes[s])))
+                key = _U64.pack(ts) + N.dedup_key(f"user{s}", f"m{i}") + _U64.pack(hashes[s])
+                items.append((key, b""))
             txn.cursor().putmulti(items, append=False)
     env.sync(True)
     env.close()
@@ -66,7 +72,7 @@ def load_before(path: str, entries: int) -> dict:
     from iris_native import DEDUP_DONE, DedupWindow
 
     env = lmdb.open(path, max_dbs=300, readonly=False, lock=True)
-    dedup_db = env.open_db(b"dedup")
+    dedup_db = env.open_db(b"dedup:0")
     window = DedupWindow(entries, 3600 * 1000)
     base = rss_bytes()
     t0 = time.perf_counter()
@@ -82,7 +88,10 @@ def load_before(path: str, entries: int) -> dict:
     seconds = time.perf_counter() - t0
     loaded = len(out)
     del out
-    return {"seconds": seconds, "loaded": loaded, "len": len(window), "rss_before": base}
+    return {
+        "seconds": seconds, "loaded": loaded, "len": len(window), "rss_before": base,
+        "rss_loaded": rss_bytes(),
+    }  # fmt: skip
 
 
 def load_after(path: str, entries: int) -> dict:
@@ -100,7 +109,7 @@ def load_after(path: str, entries: int) -> dict:
     t0 = time.perf_counter()
     now_ms = int(time.time() * 1000)
     loaded = 0
-    for chunk in store.iter_dedup(3600 * 1000):
+    for chunk in store.iter_dedup(3600 * 1000, workers=1):
         loaded += window.load(chunk, now_ms)
     seconds = time.perf_counter() - t0
     out = {
@@ -108,6 +117,7 @@ def load_after(path: str, entries: int) -> dict:
         "loaded": loaded,
         "len": len(window),
         "rss_before": base,
+        "rss_loaded": rss_bytes(),
         "window_bytes": window.memory_bytes,
         "window_bytes_per_entry": window.memory_bytes / max(len(window), 1),
         "senders": window.senders,
@@ -118,7 +128,6 @@ def load_after(path: str, entries: int) -> dict:
 
 def child(which: str, path: str, entries: int) -> None:
     result = (load_before if which == "before" else load_after)(path, entries)
-    result["rss_after"] = rss_bytes()
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))
 
@@ -156,8 +165,8 @@ def main() -> None:
             mib = 1 << 20
             print(
                 f"{which:6} load {r['seconds']:.2f} s  loaded {r['loaded']}  held {r['len']}  "
-                f"RSS before {r['rss_before'] / mib:.0f} MiB  peak {r['peak_rss'] / mib:.0f} MiB  "
-                f"after {r['rss_after'] / mib:.0f} MiB"
+                f"RSS before {r['rss_before'] / mib:.0f} MiB  "
+                f"loaded {r['rss_loaded'] / mib:.0f} MiB  peak {r['peak_rss'] / mib:.0f} MiB"
                 + (
                     f"  window {r['window_bytes'] / mib:.0f} MiB "
                     f"({r['window_bytes_per_entry']:.1f} B/entry)"

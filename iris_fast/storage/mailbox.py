@@ -6,11 +6,12 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
   Keys of one user sort by ``seq``, and ``seq`` comes from one node-wide counter that only grows,
   so a prefix scan yields a mailbox in arrival order.
 * ``dedup:<worker>`` (one per worker: a restart reloads its own only): key ``ts_ms u64 BE |
-  xxh3-128 of (sender, msg_id)`` -> ``xxh3-64 of sender u64 BE``. Time-ordered so that pruning
-  the window is a range delete from the front and reloading it is one scan; the sender hash lets
-  a reload put each entry back in its sender's share of the window (``DedupWindow.load`` takes
-  key || value). ``dedup`` is the table all workers shared before issue 10 (empty values): read
-  and pruned, no longer written.
+  xxh3-128 of (sender, msg_id) | xxh3-64 of sender u64 BE`` -> empty. Time-ordered so that
+  pruning the window is a range delete from the front and reloading it is one scan; the sender
+  hash lets a reload put each entry back in its sender's share of the window, and the keys are
+  exactly ``DedupWindow.load``'s records, so a reload joins them with no per-entry Python.
+  ``dedup`` is the table all workers shared before issue 10 (``ts | key16`` keys, no sender):
+  read and pruned, no longer written.
 * ``meta``:  ``seq_hwm:<worker>`` -> the highest ``seq`` handed out, so the counter survives
   restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
   replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here;
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import os
 import struct
@@ -257,18 +259,17 @@ class MailboxStore:
             for db in tables:
                 cur = txn.cursor(db=db)
                 if cur.set_range(floor):
-                    runs.append(cur.iternext(keys=True, values=True))
-            # One table: its own order; several: merged by time.
-            rows = runs[0] if len(runs) == 1 else heapq.merge(*runs)
-            chunk: list[bytes] = []
-            for key, value in rows:
-                # Entries from before the sender hash share sender 0.
-                chunk.append(key + value if len(value) == 8 else key + _NO_SENDER)
-                if len(chunk) >= batch:
-                    yield b"".join(chunk)
-                    chunk.clear()
-            if chunk:
-                yield b"".join(chunk)
+                    runs.append(cur.iternext(keys=True, values=False))
+            if len(runs) == 1:
+                # The common case: joined in C, batch by batch.
+                while chunk := b"".join(itertools.islice(runs[0], batch)):
+                    yield chunk
+            elif runs:
+                # Several tables, merged by time; entries from before the sender hash (24-byte
+                # keys) share sender 0.
+                rows = (k if len(k) == 32 else k + _NO_SENDER for k in heapq.merge(*runs))
+                while chunk := b"".join(itertools.islice(rows, batch)):
+                    yield chunk
         with self.env.begin(write=True, db=self._meta) as txn:
             txn.put(self._dedup_layout_key, _SEQ.pack(workers))
 
@@ -289,7 +290,7 @@ class MailboxStore:
         the replication log (0 when the node is not replicated)."""
         lsn, log = self._log((N.REC_PUT, user, seq, ts_ms, sender, msg_id, body))
         if dedup_key is not None:
-            dedup_key += _SEQ.pack(N.dedup_sender(sender))
+            dedup_key += _SEQ.pack(N.dedup_sender(sender))  # the table's key, after ts
         op = (
             "put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key,
             lsn, log,
@@ -306,7 +307,7 @@ class MailboxStore:
         """Persist a dedup entry of a message that completed without being stored;
         ``sender_hash`` is ``dedup_sender(sender)``."""
         lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms, sender_hash))
-        op = ("dedup", _TS.pack(ts_ms) + dedup_key, _SEQ.pack(sender_hash), lsn, log)
+        op = ("dedup", _TS.pack(ts_ms) + dedup_key + _SEQ.pack(sender_hash), lsn, log)
         self._enqueue(op, None)
 
     def _log(self, rec: Record) -> tuple[int, bytes | None]:
@@ -463,12 +464,11 @@ class MailboxStore:
                 if kind == "put":
                     txn.put(op[1], op[2], db=msgs)
                     if op[3] is not None:
-                        ts = _TS.pack(int(time.time() * 1000))
-                        txn.put(ts + op[3][:16], op[3][16:], db=dedup)
+                        txn.put(_TS.pack(int(time.time() * 1000)) + op[3], b"", db=dedup)
                 elif kind == "del":
                     txn.delete(op[1], db=msgs)
                 elif kind == "dedup":
-                    txn.put(op[1], op[2], db=dedup)
+                    txn.put(op[1], b"", db=dedup)
                 elif kind == "apply":
                     op[3][:] = [self._apply_record(txn, rec) for rec in op[1]]
                     txn.put(self._applied_key, _SEQ.pack(op[2]), db=self._meta)
@@ -505,12 +505,12 @@ class MailboxStore:
                 overwrite=False, db=self._msgs,
             )  # fmt: skip
             if new:
-                who = _SEQ.pack(N.dedup_sender(sender))
-                txn.put(_TS.pack(ts_ms) + N.dedup_key(sender, msg_id), who, db=self._dedup)
+                key = _TS.pack(ts_ms) + N.dedup_key(sender, msg_id)
+                txn.put(key + _SEQ.pack(N.dedup_sender(sender)), b"", db=self._dedup)
             return bool(new)
         if kind == N.REC_DEL:
             return bool(txn.delete(mailbox_key(rec[1], rec[2]), db=self._msgs))
-        txn.put(_TS.pack(rec[2]) + rec[1], _SEQ.pack(rec[3]), db=self._dedup)
+        txn.put(_TS.pack(rec[2]) + rec[1] + _SEQ.pack(rec[3]), b"", db=self._dedup)
         return True
 
     def close(self) -> None:

@@ -103,14 +103,25 @@ struct Sender {
     b_next: u32,
 }
 
-/// Open-addressing (linear probing) index from key to slab position. It
-/// stores 4 bytes per slot instead of the key, which the slab already holds.
-/// Keys are hashed again with a per-process random SipHash key: a dedup key is
-/// an unkeyed xxh3 of client-chosen ids, so its own bits could be steered into
-/// one probe run.
+/// One index slot: a slab position and the low 32 bits of its key's hash.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    node: u32,
+    tag: u32,
+}
+
+const EMPTY: Slot = Slot { node: NIL, tag: 0 };
+
+/// Open-addressing (linear probing) index from key to slab position. A slot
+/// holds the position and 32 bits of the hash, not the key (the slab has it):
+/// probing compares tags within one cache line and touches a node only on a
+/// tag match, and the tag gives every entry's home slot back without hashing
+/// again (growth, deletion). Keys are hashed with a per-process random SipHash
+/// key: a dedup key is an unkeyed xxh3 of client-chosen ids, so its own bits
+/// could be steered into one probe run.
 #[derive(Debug)]
 struct Index {
-    slots: Vec<u32>,
+    slots: Vec<Slot>,
     len: usize,
     hasher: RandomState,
 }
@@ -124,8 +135,12 @@ impl Index {
         }
     }
 
-    fn home(&self, key: u128) -> usize {
-        self.hasher.hash_one(key) as usize & (self.slots.len() - 1)
+    fn tag(&self, key: u128) -> u32 {
+        self.hasher.hash_one(key) as u32
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
     }
 
     /// (slot, node) of `key`.
@@ -133,66 +148,69 @@ impl Index {
         if self.slots.is_empty() {
             return None;
         }
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(key);
+        let tag = self.tag(key);
+        let mask = self.mask();
+        let mut i = tag as usize & mask;
         loop {
-            let n = self.slots[i];
-            if n == NIL {
+            let slot = self.slots[i];
+            if slot.node == NIL {
                 return None;
             }
-            if nodes[n as usize].key == key {
-                return Some((i, n));
+            if slot.tag == tag && nodes[slot.node as usize].key == key {
+                return Some((i, slot.node));
             }
             i = (i + 1) & mask;
         }
     }
 
     /// Adds `node` (whose key is absent) under `key`.
-    fn insert(&mut self, nodes: &[Node], key: u128, node: u32) {
+    fn insert(&mut self, key: u128, node: u32) {
         // At most 3/4 full, so probe runs stay short.
         if (self.len + 1) * 4 > self.slots.len() * 3 {
-            self.grow(nodes);
+            self.grow();
         }
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(key);
-        while self.slots[i] != NIL {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = node;
+        let tag = self.tag(key);
+        self.place(Slot { node, tag });
         self.len += 1;
     }
 
-    fn grow(&mut self, nodes: &[Node]) {
-        let cap = (self.slots.len() * 2).max(16);
-        let old = std::mem::replace(&mut self.slots, vec![NIL; cap]);
-        for n in old.into_iter().filter(|&n| n != NIL) {
-            let mut i = self.home(nodes[n as usize].key);
-            while self.slots[i] != NIL {
-                i = (i + 1) & (cap - 1);
-            }
-            self.slots[i] = n;
+    fn place(&mut self, slot: Slot) {
+        let mask = self.mask();
+        let mut i = slot.tag as usize & mask;
+        while self.slots[i].node != NIL {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = slot;
+    }
+
+    fn grow(&mut self) {
+        // Homes come from 32-bit tags: past 2^32 slots they would stop spreading.
+        let cap = (self.slots.len() * 2).clamp(16, 1 << 32);
+        let old = std::mem::replace(&mut self.slots, vec![EMPTY; cap]);
+        for slot in old.into_iter().filter(|s| s.node != NIL) {
+            self.place(slot);
         }
     }
 
     /// Empties `hole` by backward-shift deletion (no tombstones, so lookups
     /// never slow down with churn).
-    fn remove_at(&mut self, nodes: &[Node], mut hole: usize) {
-        let mask = self.slots.len() - 1;
+    fn remove_at(&mut self, mut hole: usize) {
+        let mask = self.mask();
         let mut i = hole;
         loop {
             i = (i + 1) & mask;
-            let n = self.slots[i];
-            if n == NIL {
+            let slot = self.slots[i];
+            if slot.node == NIL {
                 break;
             }
             // The entry at i may fill the hole if its home is not after it.
-            let home = self.home(nodes[n as usize].key);
+            let home = slot.tag as usize & mask;
             if (i.wrapping_sub(home) & mask) >= (i.wrapping_sub(hole) & mask) {
-                self.slots[hole] = n;
+                self.slots[hole] = slot;
                 hole = i;
             }
         }
-        self.slots[hole] = NIL;
+        self.slots[hole] = EMPTY;
         self.len -= 1;
     }
 }
@@ -279,7 +297,7 @@ impl DedupWindow {
     pub fn memory_bytes(&self) -> usize {
         use std::mem::size_of;
         self.nodes.capacity() * size_of::<Node>()
-            + self.index.slots.capacity() * size_of::<u32>()
+            + self.index.slots.capacity() * size_of::<Slot>()
             + self.senders.capacity() * size_of::<Sender>()
             // hashbrown: one (u64, u32) bucket and one control byte per slot.
             + self.sender_ix.capacity() * (size_of::<(u64, u32)>() + 1)
@@ -473,7 +491,7 @@ impl DedupWindow {
             self.nodes.push(node);
             (self.nodes.len() - 1) as u32
         };
-        self.index.insert(&self.nodes, key, n);
+        self.index.insert(key, n);
         self.len += 1;
         if state == DONE {
             self.link_done(n);
@@ -500,7 +518,7 @@ impl DedupWindow {
                     .0
             }
         };
-        self.index.remove_at(&self.nodes, slot);
+        self.index.remove_at(slot);
         self.release_sender(node.sender);
         let rec = &mut self.nodes[n as usize];
         rec.state = FREE;
@@ -654,7 +672,10 @@ mod tests {
                 let node = &self.nodes[n as usize];
                 assert_eq!(
                     self.index.find(&self.nodes, node.key),
-                    Some((self.index.slots.iter().position(|&x| x == n).unwrap(), n))
+                    Some((
+                        self.index.slots.iter().position(|x| x.node == n).unwrap(),
+                        n
+                    ))
                 );
             }
             let pending = live
