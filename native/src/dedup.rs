@@ -13,11 +13,12 @@
 //! entries, the window stays over budget until they complete, rather than
 //! take from a smaller sender.
 //!
-//! Layout (about 56 bytes per entry, see `memory_bytes`): entries live in a
-//! slab of 48-byte nodes linked into their sender's FIFO and into one global
-//! FIFO (for age expiry), and an open-addressing index of `u32` slab positions
-//! finds them by key. Every operation is O(1) (amortized for index growth);
-//! the sender holding the most entries is found through per-count buckets of
+//! Layout (about 64-70 bytes per entry at a million, see `memory_bytes`):
+//! entries live in a slab of 48-byte nodes linked into their sender's FIFO
+//! and into one global FIFO (for age expiry), and an open-addressing index of
+//! 8-byte slots (slab position, hash tag), at most 3/4 full, finds them by
+//! key. Every operation is O(1) (amortized for index growth); the sender
+//! holding the most entries is found through per-count buckets of
 //! senders, which move by one step per insert or eviction.
 
 use std::collections::hash_map::Entry;
