@@ -42,7 +42,7 @@ def only_error(data: bytes) -> tuple:
 
 def test_constants() -> None:
     assert (n.REPL_HELLO, n.REPL_APPEND, n.REPL_ACK, n.REPL_HEARTBEAT) == (0x61, 0x62, 0x63, 0x64)
-    assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 1)
+    assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 2)
     assert n.HELLO_SPLIT == 1
 
 
@@ -108,7 +108,9 @@ def test_hello_workers_and_flags_roundtrip(workers: int, flags: int) -> None:
     frame = (n.REPL_HELLO, n.REPL_VERSION, "node-b", 7, workers, flags, [(1, 2)])
     data = n.encode(frame)
     # workers u16 and flags u8 sit right after epoch u64.
-    assert data[5:] == b"\x01\x06node-b" + struct.pack(">QHBHHQ", 7, workers, flags, 1, 1, 2)
+    assert data[5:] == bytes([n.REPL_VERSION]) + b"\x06node-b" + struct.pack(
+        ">QHBHHQ", 7, workers, flags, 1, 1, 2
+    )
     # Reserved flag bits are carried through unchanged; interpreting them is up to the receiver.
     [(_, _, _, _, got_workers, got_flags, lsns)] = decode(data)
     assert (got_workers, got_flags, lsns) == (workers, flags, [(1, 2)])

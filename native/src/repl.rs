@@ -12,8 +12,9 @@ pub const REPL_APPEND: u8 = 0x62;
 pub const REPL_ACK: u8 = 0x63;
 pub const REPL_HEARTBEAT: u8 = 0x64;
 
-/// Replication protocol version carried by `REPL_HELLO`.
-pub const REPL_VERSION: u8 = 1;
+/// Replication protocol version carried by `REPL_HELLO`. 2: `DEDUP` records
+/// carry the sender hash (a version-1 peer would misread them).
+pub const REPL_VERSION: u8 = 2;
 
 /// `REPL_HELLO.flags` bit 0: the sending node accepted writes in degraded
 /// mode since its last healthy link. Other bits are reserved and ignored by
@@ -648,7 +649,7 @@ mod tests {
             (REPL_HELLO, REPL_APPEND, REPL_ACK, REPL_HEARTBEAT),
             (0x61, 0x62, 0x63, 0x64)
         );
-        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 1));
+        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 2));
         assert_eq!(HELLO_SPLIT, 1);
         assert!((0..=255u8).filter(|t| is_repl_type(*t)).eq(0x61..=0x64));
         assert!(std::mem::size_of::<Decoder>() <= 32);
