@@ -135,3 +135,21 @@ def test_each_worker_reloads_only_its_own_entries_unless_the_worker_count_change
     alice.send(*[(N.SEND, f"a{i}", f"dst{i}", b"x") for i in range(n)])
     acks = alice.collect(N.ACK, n, timeout=30)
     assert len(acks) == n and all(a[2] & N.ACK_DUPLICATE for a in acks), acks
+
+
+def test_the_nodes_window_age_is_its_shortest_non_empty_workers():
+    from iris_fast.server.aggregate import merge_metrics
+
+    def text(age: float) -> str:
+        return (
+            "# HELP iris_dedup_age_seconds span\n# TYPE iris_dedup_age_seconds gauge\n"
+            f"iris_dedup_age_seconds {age}\n"
+        )
+
+    merged = merge_metrics(
+        {0: text(0.0), 1: text(12.5), 2: text(30.0)}, {0: True, 1: True, 2: True}
+    )
+    lines = merged.splitlines()
+    # Not the sum (42.5), and an empty window (0) has no span to report.
+    assert "iris_dedup_age_seconds 12.5" in lines
+    assert 'iris_worker_dedup_age_seconds{worker="2"} 30.0' in lines
