@@ -41,7 +41,7 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--login-timeout", float, "seconds a connection may stay without LOGIN"),
     ("--hibernate-after", float, "idle seconds before a connection releases its buffers"),
     ("--keepalive", float, "TCP keepalive idle seconds; dead peers go after 1.5x that (0: off)"),
-    ("--dedup-entries", int, "(sender, msg_id) pairs kept in the dedup window"),
+    ("--dedup-entries", int, "(sender, msg_id) pairs kept in each worker's dedup window"),
     ("--dedup-age", float, "seconds a (sender, msg_id) pair stays in the dedup window"),
     ("--lmdb-map-size", int, "initial LMDB map size in bytes (it doubles when full)"),
     ("--rate-msgs", float, "SENDs per second per user (token bucket; 0: no limit)"),

@@ -75,8 +75,8 @@ LinkHelloFrame: TypeAlias = tuple[int, int, int, int]
 PutRecord: TypeAlias = tuple[int, str, int, int, str, str, bytes]
 # (REC_DEL, user, seq)
 DelRecord: TypeAlias = tuple[int, str, int]
-# (REC_DEDUP, key (16 bytes), ts_ms)
-DedupRecord: TypeAlias = tuple[int, bytes, int]
+# (REC_DEDUP, key (16 bytes), ts_ms, sender hash)
+DedupRecord: TypeAlias = tuple[int, bytes, int, int]
 Record: TypeAlias = PutRecord | DelRecord | DedupRecord
 # (stream, lsn)
 StreamLsn: TypeAlias = tuple[int, int]
@@ -157,17 +157,35 @@ def encode_batch(frames: Iterable[Frame], max_frame: int = 65536) -> bytes:
 def dedup_key(sender: str, msg_id: str) -> bytes:
     """16-byte big-endian xxh3_128 of len(sender) || sender || msg_id."""
 
+def dedup_sender(sender: str) -> int:
+    """xxh3_64 of the sender: whose share of the dedup window an entry counts in."""
+
 class DedupWindow:
-    """Bounded window of recently seen (sender, msg_id) pairs."""
+    """Bounded window of recently seen (sender, msg_id) pairs, split fairly between senders:
+    over the budget the oldest completed entry of the sender holding the most goes first;
+    pending entries are never evicted."""
 
     def __init__(self, max_entries: int, max_age_ms: int) -> None: ...
     def check_and_insert(self, sender: str, msg_id: str, now_ms: int) -> int:
         """DEDUP_NEW (recorded as pending), DEDUP_PENDING or DEDUP_DONE."""
     def mark_done(self, sender: str, msg_id: str) -> bool: ...
     def remove(self, sender: str, msg_id: str) -> bool: ...
-    def insert_key(self, key: bytes, state: int, ts_ms: int) -> None: ...
+    def insert_key(self, key: bytes, state: int, ts_ms: int, sender: int = 0) -> None: ...
+    def load(self, records: bytes, now_ms: int) -> int:
+        """Insert completed entries from 32-byte records ts_ms u64 | key16 | sender u64 (BE),
+        oldest first, skipping those past the age bound; returns how many were inserted."""
     @property
     def max_entries(self) -> int: ...
     @property
     def max_age_ms(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def senders(self) -> int: ...
+    @property
+    def capacity_evictions(self) -> int: ...
+    @property
+    def oldest_ts_ms(self) -> int | None: ...
+    @property
+    def memory_bytes(self) -> int: ...
     def __len__(self) -> int: ...

@@ -289,15 +289,62 @@ def test_dedup_max_entries() -> None:
     w = n.DedupWindow(3, 10**9)
     for i in range(5):
         assert w.check_and_insert("a", str(i), i) == n.DEDUP_NEW
+        w.mark_done("a", str(i))
     assert len(w) == 3
-    assert w.check_and_insert("a", "4", 10) == n.DEDUP_PENDING
+    assert w.capacity_evictions == 2
+    assert w.check_and_insert("a", "4", 10) == n.DEDUP_DONE
     assert w.check_and_insert("a", "0", 10) == n.DEDUP_NEW
+
+
+def test_dedup_pending_is_never_evicted() -> None:
+    # In flight: neither the budget nor age may drop it, or a resend would be taken as new.
+    w = n.DedupWindow(2, 1000)
+    for i in range(5):
+        assert w.check_and_insert("a", str(i), 0) == n.DEDUP_NEW
+    assert len(w) == 5 and w.pending == 5
+    assert w.check_and_insert("a", "0", 10**6) == n.DEDUP_PENDING
+    for i in range(5):
+        w.mark_done("a", str(i))
+    assert len(w) == 2 and w.pending == 0
+
+
+def test_dedup_one_sender_cannot_evict_another() -> None:
+    w = n.DedupWindow(100, 10**9)
+    w.check_and_insert("alice", "m1", 0)
+    w.mark_done("alice", "m1")
+    for i in range(10_000):
+        w.check_and_insert("mallory", str(i), 1)
+        w.mark_done("mallory", str(i))
+    assert w.check_and_insert("alice", "m1", 2) == n.DEDUP_DONE
+    assert len(w) == 100 and w.senders == 2
+    assert w.capacity_evictions == 10_000 - 99
+    assert w.oldest_ts_ms == 0
+    assert w.memory_bytes > 0
+
+
+def test_dedup_load_batches() -> None:
+    def rec(ts: int, sender: str, msg_id: str) -> bytes:
+        return (
+            struct.pack(">Q", ts)
+            + n.dedup_key(sender, msg_id)
+            + struct.pack(">Q", n.dedup_sender(sender))
+        )
+
+    w = n.DedupWindow(10, 1000)
+    batch = rec(100, "a", "old") + rec(1500, "a", "new") + rec(1600, "b", "x")
+    assert w.load(batch, 2000) == 2
+    assert w.check_and_insert("a", "new", 2000) == n.DEDUP_DONE
+    assert w.check_and_insert("b", "x", 2000) == n.DEDUP_DONE
+    assert w.check_and_insert("a", "old", 2000) == n.DEDUP_NEW
+    with pytest.raises(ValueError, match="multiple of 32"):
+        w.load(batch[:-1], 2000)
 
 
 def test_dedup_max_age() -> None:
     w = n.DedupWindow(100, 1000)
     w.check_and_insert("a", "old", 0)
-    assert w.check_and_insert("a", "old", 1000) == n.DEDUP_PENDING
+    w.mark_done("a", "old")
+    assert w.check_and_insert("a", "old", 1000) == n.DEDUP_DONE
     assert w.check_and_insert("a", "new", 1001) == n.DEDUP_NEW
     assert len(w) == 1
     assert w.check_and_insert("a", "old", 1002) == n.DEDUP_NEW

@@ -13,7 +13,7 @@ MAX = 16 << 20
 
 PUT = (n.REC_PUT, "bob", 7, 1_700_000_000_000, "alice", "m1", b"\x00\xff body")
 DEL = (n.REC_DEL, "bob", 7)
-DEDUP = (n.REC_DEDUP, bytes(range(16)), 5)
+DEDUP = (n.REC_DEDUP, bytes(range(16)), 5, 2**64 - 1)
 
 SAMPLES = [
     (n.REPL_HELLO, n.REPL_VERSION, "node-a", 2**64 - 1, 65535, n.HELLO_SPLIT, [(0, 5), (65535, 0)]),
@@ -42,7 +42,7 @@ def only_error(data: bytes) -> tuple:
 
 def test_constants() -> None:
     assert (n.REPL_HELLO, n.REPL_APPEND, n.REPL_ACK, n.REPL_HEARTBEAT) == (0x61, 0x62, 0x63, 0x64)
-    assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 1)
+    assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 2)
     assert n.HELLO_SPLIT == 1
 
 
@@ -65,13 +65,13 @@ def test_wire_layout() -> None:
     recs = [
         (n.REC_PUT, "u", 3, 4, "s", "m", b"xy"),
         (n.REC_DEL, "u", 5),
-        (n.REC_DEDUP, b"k" * 16, 6),
+        (n.REC_DEDUP, b"k" * 16, 6, 9),
     ]
     app = n.encode((n.REPL_APPEND, 1, 2, recs))
     want = struct.pack(">HQI", 1, 2, 3)
     want += b"\x01\x01u" + struct.pack(">QQ", 3, 4) + b"\x01s\x01m" + struct.pack(">I", 2) + b"xy"
     want += b"\x02\x01u" + struct.pack(">Q", 5)
-    want += b"\x03" + b"k" * 16 + struct.pack(">Q", 6)
+    want += b"\x03" + b"k" * 16 + struct.pack(">QQ", 6, 9)
     assert app == raw(0x62, want)
 
 
@@ -108,7 +108,9 @@ def test_hello_workers_and_flags_roundtrip(workers: int, flags: int) -> None:
     frame = (n.REPL_HELLO, n.REPL_VERSION, "node-b", 7, workers, flags, [(1, 2)])
     data = n.encode(frame)
     # workers u16 and flags u8 sit right after epoch u64.
-    assert data[5:] == b"\x01\x06node-b" + struct.pack(">QHBHHQ", 7, workers, flags, 1, 1, 2)
+    assert data[5:] == bytes([n.REPL_VERSION]) + b"\x06node-b" + struct.pack(
+        ">QHBHHQ", 7, workers, flags, 1, 1, 2
+    )
     # Reserved flag bits are carried through unchanged; interpreting them is up to the receiver.
     [(_, _, _, _, got_workers, got_flags, lsns)] = decode(data)
     assert (got_workers, got_flags, lsns) == (workers, flags, [(1, 2)])
@@ -150,7 +152,7 @@ def test_truncations_and_count_mismatch() -> None:
         _, code, reason = only_error(raw(t, payload[:cut]))
         assert code == n.E_BAD_FRAME and "truncated" in reason, (cut, reason)
     e = only_error(raw(t, payload[:-1]))
-    assert e[1] == n.E_BAD_FRAME and "field ts_ms" in e[2] and e[2].endswith("(record 2)")
+    assert e[1] == n.E_BAD_FRAME and "field sender" in e[2] and e[2].endswith("(record 2)")
     more = payload[:10] + struct.pack(">I", 4) + payload[14:]
     assert "truncated in field kind" in only_error(raw(t, more))[2]
     fewer = payload[:10] + struct.pack(">I", 2) + payload[14:]
@@ -187,7 +189,7 @@ def test_bad_utf8() -> None:
         ((n.REPL_APPEND, 1, 1, [DEL, "x"]), "REPL_APPEND record 1: record must be a tuple"),
         ((n.REPL_APPEND, 1, 1, [(9, "u")]), "record 0: unknown record kind 9"),
         ((n.REPL_APPEND, 1, 1, [(n.REC_DEL, "u")]), "REC_DEL tuple must have 3 items"),
-        ((n.REPL_APPEND, 1, 1, [(n.REC_DEDUP, b"short", 1)]), "key must be 16 bytes, got 5"),
+        ((n.REPL_APPEND, 1, 1, [(n.REC_DEDUP, b"short", 1, 0)]), "key must be 16 bytes, got 5"),
         (
             (n.REPL_APPEND, 1, 1, [(n.REC_PUT, "u", 1, 1, "s", "m", "b")]),
             "field body must be bytes",
@@ -223,7 +225,7 @@ s8 = st.text(max_size=60).filter(lambda s: len(s.encode()) <= 255)
 records = st.one_of(
     st.tuples(st.just(n.REC_PUT), s8, u64, u64, s8, s8, st.binary(max_size=300)),
     st.tuples(st.just(n.REC_DEL), s8, u64),
-    st.tuples(st.just(n.REC_DEDUP), st.binary(min_size=16, max_size=16), u64),
+    st.tuples(st.just(n.REC_DEDUP), st.binary(min_size=16, max_size=16), u64, u64),
 )
 lsns = st.lists(st.tuples(u16, u64), max_size=10)
 repl_frames = st.one_of(

@@ -91,7 +91,7 @@ def test_every_change_is_logged_in_its_own_transaction_and_read_back_in_order(tm
         lsns = [store.put("u", s, "snd", f"m{i}", 7, b"b%d" % i, None, None)
                 for i, s in enumerate(seqs)]  # fmt: skip
         store.delete("u", seqs[0])
-        store.put_dedup(b"k" * 16, 99)
+        store.put_dedup(b"k" * 16, 99, 12345)
         done = asyncio.Event()
         store.barrier(done.set)
         await asyncio.wait_for(done.wait(), 10)
@@ -105,7 +105,7 @@ def test_every_change_is_logged_in_its_own_transaction_and_read_back_in_order(tm
     assert back == logged, "what was sent live equals what catch-up reads from the log"
     assert back[0][1] == (N.REC_PUT, "u", seq0, 7, "snd", "m0", b"b0")
     assert back[3][1] == (N.REC_DEL, "u", seq0)
-    assert back[4][1] == (N.REC_DEDUP, b"k" * 16, 99)
+    assert back[4][1] == (N.REC_DEDUP, b"k" * 16, 99, 12345)
 
     # The LSN survives a restart; trimming removes what the peer acknowledged.
     async def reopen() -> tuple[int, int, list]:
@@ -134,7 +134,7 @@ def test_applied_records_report_what_they_changed_and_persist_the_applied_lsn(tm
             (N.REC_PUT, "u", 10, 5, "s", "m1", b"x"),  # same key again: not new
             (N.REC_DEL, "u", 10),
             (N.REC_DEL, "u", 10),  # already gone
-            (N.REC_DEDUP, b"d" * 16, 5),
+            (N.REC_DEDUP, b"d" * 16, 5, 6),
         ]
         got: list = []
         done = asyncio.Event()

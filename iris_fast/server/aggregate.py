@@ -37,6 +37,11 @@ PER_WORKER = {
         "gauge",
         "Bytes queued on worker links, per worker",
     ),
+    "iris_dedup_age_seconds": (
+        "dedup_age_seconds",
+        "gauge",
+        "Real span of the dedup window per worker",
+    ),
 }
 
 # Gauges whose node value is not the sum of the workers' values.
@@ -47,6 +52,7 @@ DERIVED = {
     "iris_repl_peer_up",
     "iris_repl_degraded",
     "iris_repl_lag_ms",
+    "iris_dedup_age_seconds",
 }
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?$")
@@ -110,6 +116,8 @@ def merge_metrics(texts: dict[int, str], up: dict[int, bool]) -> str:
         "iris_repl_peer_up": _min_sample(texts, "iris_repl_peer_up"),
         "iris_repl_degraded": _max_sample(texts, "iris_repl_degraded"),
         "iris_repl_lag_ms": _max_sample(texts, "iris_repl_lag_ms"),
+        # The node's dedup guarantee is its shortest window's; an empty window has no span.
+        "iris_dedup_age_seconds": _min_sample(texts, "iris_dedup_age_seconds", skip_zero=True),
     }
 
     out: list[str] = []
@@ -158,13 +166,15 @@ def _max_sample(texts: dict[int, str], name: str) -> float:
     return best
 
 
-def _min_sample(texts: dict[int, str], name: str) -> float:
+def _min_sample(texts: dict[int, str], name: str, skip_zero: bool = False) -> float:
     values = [
         float(line.rpartition(" ")[2])
         for text in texts.values()
         for line in text.splitlines()
         if line.startswith(name + " ")
     ]
+    if skip_zero:
+        values = [v for v in values if v]
     return min(values) if values else 0.0
 
 

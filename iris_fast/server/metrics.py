@@ -193,6 +193,7 @@ class _WorkerCollector:
         yield GaugeMetricFamily(
             "iris_dedup_entries", "Entries in the dedup window", value=len(w.dedup)
         )
+        yield from _dedup_metrics(w)
         yield GaugeMetricFamily(
             "iris_storage_queue", "Storage operations waiting for the writer", value=w.store.queued
         )
@@ -237,6 +238,30 @@ class _WorkerCollector:
         yield GaugeMetricFamily(
             "iris_uptime_seconds", "Seconds since start", value=time.time() - self.started
         )
+
+
+def _dedup_metrics(w: Worker) -> Iterator[Metric]:
+    d = w.dedup
+    oldest = d.oldest_ts_ms
+    yield GaugeMetricFamily(
+        "iris_dedup_age_seconds",
+        "Age of the oldest completed entry the dedup window still holds (its real span)",
+        value=max(time.time() - oldest / 1000, 0.0) if oldest is not None else 0.0,
+    )
+    yield CounterMetricFamily(
+        "iris_dedup_evictions",
+        "Dedup entries evicted by the entry budget before their full age",
+        value=d.capacity_evictions,
+    )
+    yield GaugeMetricFamily(
+        "iris_dedup_pending", "Dedup entries in flight (never evicted)", value=d.pending
+    )
+    yield GaugeMetricFamily(
+        "iris_dedup_senders", "Senders holding entries in the dedup window", value=d.senders
+    )
+    yield GaugeMetricFamily(
+        "iris_dedup_bytes", "Heap bytes of the dedup window", value=d.memory_bytes
+    )
 
 
 def _replication_metrics(w: Worker) -> Iterator[Metric]:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import iris_native as N
-from iris_native import DEDUP_DONE, DedupWindow, dedup_key
+from iris_native import DEDUP_DONE, DedupWindow, dedup_key, dedup_sender
 
 from iris_fast import protocol as P
 from iris_fast.config import ServerConfig
@@ -191,11 +191,14 @@ class Worker:
         self._max_pending_writes = config.max_pending_writes
         self._write_paused: set[Connection] = set()
         self.reads_paused = False
-        loaded = store.load_dedup(int(config.dedup_age_s * 1000))
-        for key, ts in loaded:
-            self.dedup.insert_key(key, DEDUP_DONE, ts)
+        # Streamed in batches straight into the window: a restart never holds the table as
+        # Python objects (docs/architecture.md, "Issue 10: dedup window").
+        loaded = 0
+        now_ms = int(time.time() * 1000)
+        for chunk in store.iter_dedup(int(config.dedup_age_s * 1000), config.workers):
+            loaded += self.dedup.load(chunk, now_ms)
         if loaded:
-            log.info("reloaded %d dedup entries from storage", len(loaded))
+            log.info("reloaded %d dedup entries from storage", loaded)
 
     # ---- connection lifecycle -------------------------------------------------------------------
 
@@ -755,7 +758,7 @@ class Worker:
                     now_ms = int(time.time() * 1000)
                 # Persisting the window entry lets a resend after a restart be recognised;
                 # it is not waited for (the message itself is already delivered).
-                self.store.put_dedup(dedup_key(sender, msg_id), now_ms)
+                self.store.put_dedup(dedup_key(sender, msg_id), now_ms, dedup_sender(sender))
                 self._complete(sender, msg_id, 0)
         self._pump(conn)
 
@@ -1098,7 +1101,7 @@ class Worker:
                 self.store.observe_seq(seq)
                 self._mailbox(user).add_queued(seq, len(body))
             elif kind == N.REC_DEDUP:
-                dedup.insert_key(rec[1], DEDUP_DONE, rec[2])
+                dedup.insert_key(rec[1], DEDUP_DONE, rec[2], rec[3])
             kept.append(rec)
         self.store.apply(kept, last_lsn, lambda results: self._applied(kept, results, done))
 

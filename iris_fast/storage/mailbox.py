@@ -5,11 +5,17 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
 * ``msgs``:  key ``user | 0x00 | seq u64 BE`` -> ``ts u64 | sender str8 | msg_id str8 | body``.
   Keys of one user sort by ``seq``, and ``seq`` comes from one node-wide counter that only grows,
   so a prefix scan yields a mailbox in arrival order.
-* ``dedup``: key ``ts_ms u64 BE | xxh3-128 of (sender, msg_id)`` -> empty. Time-ordered so that
-  pruning the window is a range delete from the front and reloading it is one scan.
+* ``dedup:<worker>`` (one per worker: a restart reloads its own only): key ``ts_ms u64 BE |
+  xxh3-128 of (sender, msg_id) | xxh3-64 of sender u64 BE`` -> empty. Time-ordered so that
+  pruning the window is a range delete from the front and reloading it is one scan; the sender
+  hash lets a reload put each entry back in its sender's share of the window, and the keys are
+  exactly ``DedupWindow.load``'s records, so a reload joins them with no per-entry Python.
+  ``dedup`` is the table all workers shared before issue 10 (``ts | key16`` keys, no sender):
+  read and pruned, no longer written.
 * ``meta``:  ``seq_hwm:<worker>`` -> the highest ``seq`` handed out, so the counter survives
   restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
-  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here.
+  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here;
+  ``dedup_workers:<worker>`` -> the ``--workers`` the worker last reloaded its dedup table with.
 * ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
   encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
   mailbox change it describes and trimmed once the peer has acknowledged it
@@ -28,13 +34,15 @@ next batch piles up: that is the group commit, with no timer and no tuning knob.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import os
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import iris_native as N
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
 _SEQ_HWM = b"seq_hwm"
+_NO_SENDER = bytes(8)
 
 # How long a deletion or dedup entry may wait to join a bigger batch.
 LAZY_DELAY_S = 0.05
@@ -53,7 +62,8 @@ LAZY_DELAY_S = 0.05
 StoredMessage = tuple[int, str, str, int, bytes]
 
 # A replication record as the codec represents it: (REC_PUT, user, seq, ts_ms, sender, msg_id,
-# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms), and one with its log position.
+# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms, sender_hash), and one with its log
+# position.
 Record = tuple[Any, ...]
 LoggedRecord = tuple[int, Record]
 
@@ -115,7 +125,9 @@ class MailboxStore:
             path, map_size=map_size, max_dbs=300, sync=False, metasync=False, writemap=False
         )
         self._msgs = self.env.open_db(b"msgs")
-        self._dedup = self.env.open_db(b"dedup")
+        self._dedup = self.env.open_db(b"dedup:%d" % writer_id)
+        self._dedup_shared = self.env.open_db(b"dedup")
+        self._dedup_layout_key = b"dedup_workers:%d" % writer_id
         self._meta = self.env.open_db(b"meta")
         self._rlog = self.env.open_db(b"rlog:%d" % writer_id)
         self.writer_id = writer_id
@@ -225,16 +237,41 @@ class MailboxStore:
                     break
         return out
 
-    def load_dedup(self, max_age_ms: int) -> list[tuple[bytes, int]]:
-        """The persisted dedup entries younger than ``max_age_ms``: (16-byte key, ts_ms)."""
-        floor = int(time.time() * 1000) - max_age_ms
-        out = []
-        with self.env.begin(db=self._dedup) as txn:
-            cur = txn.cursor()
-            if cur.set_range(_TS.pack(max(floor, 0))):
-                for key in cur.iternext(keys=True, values=False):
-                    out.append((key[8:24], _TS.unpack_from(key, 0)[0]))
-        return out
+    def iter_dedup(self, max_age_ms: int, workers: int, batch: int = 8192) -> Iterator[bytes]:
+        """The persisted dedup entries younger than ``max_age_ms``, oldest first, in chunks of up
+        to ``batch`` 32-byte records ``ts_ms | key16 | sender u64`` for ``DedupWindow.load``: a
+        restart streams the table instead of holding it as a list of Python tuples.
+
+        Only this worker's table, unless ``workers`` differs from the last reload's (or this is
+        the first): users may then have moved between workers, so every worker's entries (and
+        the pre-issue-10 shared table) are read; the window's fair split and age bound trim
+        what does not belong here."""
+        floor = _TS.pack(max(int(time.time() * 1000) - max_age_ms, 0))
+        if self._load_u64(self._dedup_layout_key) == workers:
+            tables = [self._dedup]
+        else:
+            with self.env.begin() as txn:
+                names = [k for k in txn.cursor().iternext(values=False)
+                         if k == b"dedup" or k.startswith(b"dedup:")]  # fmt: skip
+            tables = [self.env.open_db(name) for name in names]
+        with self.env.begin() as txn:
+            runs = []
+            for db in tables:
+                cur = txn.cursor(db=db)
+                if cur.set_range(floor):
+                    runs.append(cur.iternext(keys=True, values=False))
+            if len(runs) == 1:
+                # The common case: joined in C, batch by batch.
+                while chunk := b"".join(itertools.islice(runs[0], batch)):
+                    yield chunk
+            elif runs:
+                # Several tables, merged by time; entries from before the sender hash (24-byte
+                # keys) share sender 0.
+                rows = (k if len(k) == 32 else k + _NO_SENDER for k in heapq.merge(*runs))
+                while chunk := b"".join(itertools.islice(rows, batch)):
+                    yield chunk
+        with self.env.begin(write=True, db=self._meta) as txn:
+            txn.put(self._dedup_layout_key, _SEQ.pack(workers))
 
     def sender_usage(self, user: str) -> dict[str, list[int]]:
         """{sender: [messages, body bytes]} of ``user``'s committed mailbox (per-sender bound)."""
@@ -302,6 +339,8 @@ class MailboxStore:
         """Queue a message; ``done`` runs on the loop once it is durable. Returns its LSN in
         the replication log (0 when the node is not replicated)."""
         lsn, log = self._log((N.REC_PUT, user, seq, ts_ms, sender, msg_id, body))
+        if dedup_key is not None:
+            dedup_key += _SEQ.pack(N.dedup_sender(sender))  # the table's key, after ts
         op = (
             "put", mailbox_key(user, seq), encode_value(sender, msg_id, ts_ms, body), dedup_key,
             lsn, log,
@@ -314,10 +353,12 @@ class MailboxStore:
         lsn, log = self._log((N.REC_DEL, user, seq))
         self._enqueue(("del", mailbox_key(user, seq), lsn, log), done)
 
-    def put_dedup(self, dedup_key: bytes, ts_ms: int) -> None:
-        """Persist a dedup entry of a message that completed without being stored."""
-        lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms))
-        self._enqueue(("dedup", _TS.pack(ts_ms) + dedup_key, lsn, log), None)
+    def put_dedup(self, dedup_key: bytes, ts_ms: int, sender_hash: int = 0) -> None:
+        """Persist a dedup entry of a message that completed without being stored;
+        ``sender_hash`` is ``dedup_sender(sender)``."""
+        lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms, sender_hash))
+        op = ("dedup", _TS.pack(ts_ms) + dedup_key + _SEQ.pack(sender_hash), lsn, log)
+        self._enqueue(op, None)
 
     def _log(self, rec: Record) -> tuple[int, bytes | None]:
         if not self.replicated:
@@ -490,11 +531,12 @@ class MailboxStore:
                                 break
                     continue
                 elif kind == "prune":
-                    cur = txn.cursor(db=dedup)
-                    if cur.first():
-                        while cur.key() < op[1]:
-                            if not cur.delete():
-                                break
+                    for db in (dedup, self._dedup_shared):
+                        cur = txn.cursor(db=db)
+                        if cur.first():
+                            while cur.key() < op[1]:
+                                if not cur.delete():
+                                    break
                     continue
                 lsn = op[-2]
                 if lsn:
@@ -513,11 +555,12 @@ class MailboxStore:
                 overwrite=False, db=self._msgs,
             )  # fmt: skip
             if new:
-                txn.put(_TS.pack(ts_ms) + N.dedup_key(sender, msg_id), b"", db=self._dedup)
+                key = _TS.pack(ts_ms) + N.dedup_key(sender, msg_id)
+                txn.put(key + _SEQ.pack(N.dedup_sender(sender)), b"", db=self._dedup)
             return bool(new)
         if kind == N.REC_DEL:
             return bool(txn.delete(mailbox_key(rec[1], rec[2]), db=self._msgs))
-        txn.put(_TS.pack(rec[2]) + rec[1], b"", db=self._dedup)
+        txn.put(_TS.pack(rec[2]) + rec[1] + _SEQ.pack(rec[3]), b"", db=self._dedup)
         return True
 
     def close(self) -> None:

@@ -158,8 +158,8 @@ fn record_to_py<'py>(py: Python<'py>, r: &RecordRef<'_>) -> PyResult<Bound<'py, 
         )
             .into_pyobject(py),
         RecordRef::Del { user, seq } => (REC_DEL, user, seq).into_pyobject(py),
-        RecordRef::Dedup { key, ts_ms } => {
-            (REC_DEDUP, PyBytes::new(py, &key), ts_ms).into_pyobject(py)
+        RecordRef::Dedup { key, ts_ms, sender } => {
+            (REC_DEDUP, PyBytes::new(py, &key), ts_ms, sender).into_pyobject(py)
         }
     }
 }
@@ -364,7 +364,7 @@ fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
     let (name, arity) = match kind {
         REC_PUT => ("REC_PUT", 7),
         REC_DEL => ("REC_DEL", 3),
-        REC_DEDUP => ("REC_DEDUP", 3),
+        REC_DEDUP => ("REC_DEDUP", 4),
         other => return Err(value_error(format!("unknown record kind {other}"))),
     };
     if n != arity {
@@ -397,6 +397,7 @@ fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
                     ))
                 })?,
                 ts_ms: f.int(2, "ts_ms", U64)?,
+                sender: f.int(3, "sender", U64)?,
             }
         }
     })
@@ -782,10 +783,18 @@ fn dedup_key<'py>(py: Python<'py>, sender: &str, msg_id: &str) -> PyResult<Bound
     Ok(PyBytes::new(py, &key_of(sender, msg_id)?.to_be_bytes()))
 }
 
+/// xxh3_64 of the sender (an int): whose entry a dedup key is, for the fair
+/// split of the window. Persisted and replicated next to the key.
+#[pyfunction]
+fn dedup_sender(sender: &str) -> u64 {
+    dedup::sender_hash(sender.as_bytes())
+}
+
 /// Bounded window of recently seen (sender, msg_id) pairs.
 ///
-/// Holds at most `max_entries` keys, none older than `max_age_ms`; the
-/// oldest are evicted first.
+/// Holds at most `max_entries` keys, none older than `max_age_ms`. Over the
+/// budget, the oldest completed entry of the sender holding the most goes
+/// first; in-flight (pending) entries are never evicted.
 #[pyclass(module = "iris_native", name = "DedupWindow")]
 pub struct PyDedupWindow {
     inner: dedup::DedupWindow,
@@ -802,7 +811,9 @@ impl PyDedupWindow {
 
     /// DEDUP_NEW (now recorded as pending), DEDUP_PENDING or DEDUP_DONE.
     fn check_and_insert(&mut self, sender: &str, msg_id: &str, now_ms: u64) -> PyResult<u8> {
-        Ok(self.inner.check_and_insert(key_of(sender, msg_id)?, now_ms))
+        let key = key_of(sender, msg_id)?;
+        let who = dedup::sender_hash(sender.as_bytes());
+        Ok(self.inner.check_and_insert(key, who, now_ms))
     }
 
     /// Mark a pending pair done; False if it is not in the window.
@@ -816,8 +827,10 @@ impl PyDedupWindow {
     }
 
     /// Insert a key from `dedup_key()` with its state (DEDUP_PENDING or
-    /// DEDUP_DONE) and timestamp, e.g. when reloading from storage.
-    fn insert_key(&mut self, key: &[u8], state: u8, ts_ms: u64) -> PyResult<()> {
+    /// DEDUP_DONE), timestamp and sender (`dedup_sender()`; 0 when unknown),
+    /// e.g. a replicated entry.
+    #[pyo3(signature = (key, state, ts_ms, sender=0))]
+    fn insert_key(&mut self, key: &[u8], state: u8, ts_ms: u64, sender: u64) -> PyResult<()> {
         let key: [u8; 16] = key
             .try_into()
             .map_err(|_| value_error(format!("key must be 16 bytes, got {}", key.len())))?;
@@ -826,8 +839,24 @@ impl PyDedupWindow {
                 "state must be DEDUP_PENDING (1) or DEDUP_DONE (2), got {state}"
             )));
         }
-        self.inner.insert(u128::from_be_bytes(key), state, ts_ms);
+        self.inner
+            .insert(u128::from_be_bytes(key), state, ts_ms, sender);
         Ok(())
+    }
+
+    /// Insert completed entries from `records`: 32-byte records `ts_ms u64 BE |
+    /// key (16 bytes) | sender u64 BE`, oldest first (the LMDB dedup table's key
+    /// and value), skipping those older than the age bound at `now_ms`. Returns
+    /// how many were inserted. One call per batch keeps a restart's reload out
+    /// of per-entry Python.
+    fn load(&mut self, records: &[u8], now_ms: u64) -> PyResult<usize> {
+        self.inner.load(records, now_ms).ok_or_else(|| {
+            value_error(format!(
+                "records must be a multiple of {} bytes, got {}",
+                dedup::LOAD_RECORD_LEN,
+                records.len()
+            ))
+        })
     }
 
     #[getter]
@@ -838,6 +867,37 @@ impl PyDedupWindow {
     #[getter]
     fn max_age_ms(&self) -> u64 {
         self.inner.max_age_ms()
+    }
+
+    /// Entries in flight, which nothing evicts.
+    #[getter]
+    fn pending(&self) -> usize {
+        self.inner.pending()
+    }
+
+    /// Senders holding at least one entry.
+    #[getter]
+    fn senders(&self) -> usize {
+        self.inner.senders()
+    }
+
+    /// Completed entries evicted by the entry budget, before their full age.
+    #[getter]
+    fn capacity_evictions(&self) -> u64 {
+        self.inner.capacity_evictions()
+    }
+
+    /// Timestamp of the oldest completed entry held (None if none): now minus
+    /// this is the window's real age.
+    #[getter]
+    fn oldest_ts_ms(&self) -> Option<u64> {
+        self.inner.oldest_ts_ms()
+    }
+
+    /// Heap bytes allocated by the window.
+    #[getter]
+    fn memory_bytes(&self) -> usize {
+        self.inner.memory_bytes()
     }
 
     fn __len__(&self) -> usize {
@@ -870,7 +930,7 @@ impl PyDedupWindow {
 /// (REPL_APPEND, stream, first_lsn, [record, ...]), (REPL_ACK, stream, lsn),
 /// (REPL_HEARTBEAT, ts_ms, [(stream, last_lsn), ...]) with records
 /// (REC_PUT, user, seq, ts_ms, sender, msg_id, body), (REC_DEL, user, seq),
-/// (REC_DEDUP, key16, ts_ms);
+/// (REC_DEDUP, key16, ts_ms, sender_hash);
 /// decode errors are (DECODE_ERROR, code, reason).
 #[pymodule]
 fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -927,5 +987,6 @@ fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(encode_batch, m)?)?;
     m.add_function(wrap_pyfunction!(dedup_key, m)?)?;
+    m.add_function(wrap_pyfunction!(dedup_sender, m)?)?;
     Ok(())
 }

@@ -12,8 +12,9 @@ pub const REPL_APPEND: u8 = 0x62;
 pub const REPL_ACK: u8 = 0x63;
 pub const REPL_HEARTBEAT: u8 = 0x64;
 
-/// Replication protocol version carried by `REPL_HELLO`.
-pub const REPL_VERSION: u8 = 1;
+/// Replication protocol version carried by `REPL_HELLO`. 2: `DEDUP` records
+/// carry the sender hash (a version-1 peer would misread them).
+pub const REPL_VERSION: u8 = 2;
 
 /// `REPL_HELLO.flags` bit 0: the sending node accepted writes in degraded
 /// mode since its last healthy link. Other bits are reserved and ignored by
@@ -52,6 +53,8 @@ pub enum Record {
     Dedup {
         key: [u8; 16],
         ts_ms: u64,
+        /// `dedup::sender_hash` of the key's sender (the key cannot tell).
+        sender: u64,
     },
 }
 
@@ -73,6 +76,8 @@ pub enum RecordRef<'a> {
     Dedup {
         key: [u8; 16],
         ts_ms: u64,
+        /// `dedup::sender_hash` of the key's sender (the key cannot tell).
+        sender: u64,
     },
 }
 
@@ -95,9 +100,10 @@ impl Record {
                 body,
             },
             Record::Del { user, seq } => RecordRef::Del { user, seq: *seq },
-            Record::Dedup { key, ts_ms } => RecordRef::Dedup {
+            Record::Dedup { key, ts_ms, sender } => RecordRef::Dedup {
                 key: *key,
                 ts_ms: *ts_ms,
+                sender: *sender,
             },
         }
     }
@@ -133,7 +139,7 @@ impl RecordRef<'_> {
                 user: user.to_owned(),
                 seq,
             },
-            RecordRef::Dedup { key, ts_ms } => Record::Dedup { key, ts_ms },
+            RecordRef::Dedup { key, ts_ms, sender } => Record::Dedup { key, ts_ms, sender },
         }
     }
 
@@ -156,7 +162,7 @@ impl RecordRef<'_> {
                     + body.len()
             }
             RecordRef::Del { user, .. } => 1 + check_str(f, "user", user, STR8_MAX)? + 8,
-            RecordRef::Dedup { .. } => 1 + 16 + 8,
+            RecordRef::Dedup { .. } => 1 + 16 + 8 + 8,
         })
     }
 
@@ -184,9 +190,10 @@ impl RecordRef<'_> {
                 w.str8(user);
                 w.bytes(&seq.to_be_bytes());
             }
-            RecordRef::Dedup { key, ts_ms } => {
+            RecordRef::Dedup { key, ts_ms, sender } => {
                 w.bytes(&key);
                 w.bytes(&ts_ms.to_be_bytes());
+                w.bytes(&sender.to_be_bytes());
             }
         }
     }
@@ -224,6 +231,7 @@ fn read_record<'a>(r: &mut Reader<'a>, index: u32) -> Result<RecordRef<'a>, Deco
         REC_DEDUP => RecordRef::Dedup {
             key: r.array::<16>("key").map_err(at)?,
             ts_ms: r.u64("ts_ms").map_err(at)?,
+            sender: r.u64("sender").map_err(at)?,
         },
         other => {
             return Err(DecodeError {
@@ -589,6 +597,7 @@ mod tests {
                     Record::Dedup {
                         key: [0xab; 16],
                         ts_ms: 5,
+                        sender: u64::MAX,
                     },
                     put("", "", "", b""),
                 ],
@@ -640,7 +649,7 @@ mod tests {
             (REPL_HELLO, REPL_APPEND, REPL_ACK, REPL_HEARTBEAT),
             (0x61, 0x62, 0x63, 0x64)
         );
-        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 1));
+        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 2));
         assert_eq!(HELLO_SPLIT, 1);
         assert!((0..=255u8).filter(|t| is_repl_type(*t)).eq(0x61..=0x64));
         assert!(std::mem::size_of::<Decoder>() <= 32);
@@ -734,6 +743,7 @@ mod tests {
                 Record::Dedup {
                     key: [9; 16],
                     ts_ms: 6,
+                    sender: 7,
                 },
             ],
         };
@@ -746,6 +756,7 @@ mod tests {
         p.push(REC_DEDUP);
         p.extend([9; 16]);
         p.extend([0, 0, 0, 0, 0, 0, 0, 6]);
+        p.extend([0, 0, 0, 0, 0, 0, 0, 7]);
         assert_eq!(enc(&f), raw(REPL_APPEND, &p));
     }
 
@@ -964,6 +975,7 @@ mod tests {
                 Record::Dedup {
                     key: [0; 16],
                     ts_ms: 0,
+                    sender: 0,
                 },
                 r,
             ],

@@ -71,7 +71,8 @@ fn record() -> impl Strategy<Value = Record> {
             }
         ),
         (str8(), any::<u64>()).prop_map(|(user, seq)| Record::Del { user, seq }),
-        (any::<[u8; 16]>(), any::<u64>()).prop_map(|(key, ts_ms)| Record::Dedup { key, ts_ms }),
+        (any::<[u8; 16]>(), any::<u64>(), any::<u64>())
+            .prop_map(|(key, ts_ms, sender)| Record::Dedup { key, ts_ms, sender }),
     ]
 }
 

@@ -148,6 +148,7 @@ fn repl_frames() -> Vec<(&'static str, Frame)> {
                     Record::Dedup {
                         key: *b"0123456789abcdef",
                         ts_ms: 1_700_000_000_000,
+                        sender: 0x0123_4567_89ab_cdef,
                     },
                 ],
             },
@@ -229,7 +230,9 @@ fn write_target(root: &Path, target: &str, link: LinkKind, frames: &[(&str, Fram
         let mut bad_kind = vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
         bad_kind.push(9);
         write(&dir, "bad_record_kind", 0, &raw(REPL_APPEND, &bad_kind));
-        let lying = [0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 2, 0, 0];
+        let lying = [
+            0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 2, 0, 0,
+        ];
         write(&dir, "lying_count", 0, &raw(REPL_APPEND, &lying));
     }
 }
