@@ -315,8 +315,17 @@ class ClientCore:
         log.warning("server reported error [%s] %s", code, reason)
 
     def _on_deliver(self, tag: int, ts: int, sender: str, msg_id: str, body: bytes) -> None:
-        if tag > self.highest_tag:
-            self.highest_tag = tag
+        if tag != self.highest_tag + 1:
+            # Tags count 1, 2, 3... per connection. A gap means a DELIVER meant for us never
+            # arrived, and a cumulative DELIVER_ACK past it would delete that message unseen.
+            # Resynchronise: drop this connection without acknowledging anything past the gap;
+            # the server stores what this connection left unacknowledged and delivers it again
+            # from storage at the next login, where the receive-side dedup absorbs repeats.
+            raise ConnectionLost(
+                f"DELIVER tag {tag} after tag {self.highest_tag}: a delivery went missing; "
+                "reconnecting to have it again"
+            )
+        self.highest_tag = tag
         key = (sender, msg_id)
         entry = self._pending.get(key)
         if entry is not None:
