@@ -622,6 +622,19 @@ impl PyDecoder {
         self.feed_slice(py, slice)
     }
 
+    /// ``feed`` for a connection that has not logged in yet: returns
+    /// ``(frames, login_end)`` where ``login_end`` is the offset in ``data``
+    /// just past the first well-formed LOGIN frame it completed, or None. What
+    /// follows it travels, exactly as sent, with a connection handed to its
+    /// user's home worker.
+    fn feed_login<'py>(
+        &mut self,
+        data: &Bound<'py, PyBytes>,
+    ) -> PyResult<(Bound<'py, PyList>, Option<usize>)> {
+        let (frames, end) = self.feed_slice_at(data.py(), data.as_bytes())?;
+        Ok((frames, end))
+    }
+
     /// Bytes of an incomplete frame held back; non-zero at EOF means the
     /// stream ended mid-frame (truncated).
     fn pending(&self) -> usize {
@@ -683,11 +696,19 @@ impl PyDecoder {
 
 impl PyDecoder {
     fn feed_slice<'py>(&mut self, py: Python<'py>, input: &[u8]) -> PyResult<Bound<'py, PyList>> {
+        Ok(self.feed_slice_at(py, input)?.0)
+    }
+
+    fn feed_slice_at<'py>(
+        &mut self,
+        py: Python<'py>,
+        input: &[u8],
+    ) -> PyResult<(Bound<'py, PyList>, Option<usize>)> {
         let mut out: Vec<Bound<'py, PyTuple>> = Vec::new();
         // The core decoder's sink cannot fail; keep the first Python error
         // (only MemoryError is possible) and raise it after the feed.
         let mut failure: Option<PyErr> = None;
-        self.inner.feed(input, |r| {
+        let login_end = self.inner.feed(input, |r| {
             if failure.is_some() {
                 return;
             }
@@ -703,7 +724,7 @@ impl PyDecoder {
         if let Some(e) = failure {
             return Err(e);
         }
-        PyList::new(py, out)
+        Ok((PyList::new(py, out)?, login_end))
     }
 }
 
