@@ -57,6 +57,8 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--mailbox-max-bytes", int, "stored body bytes per user before SEND gets MAILBOX_FULL"),
     ("--max-pending-writes", int, "bytes waiting to be written to clients, per worker, before "
      "the worker stops reading from clients"),
+    ("--max-conn-pending-writes", int, "bytes waiting to be written to one client before it is "
+     "cut (raised to at least the 1 MiB delivery window + 2 x --max-frame)"),
     ("--socket-sndbuf", int, "kernel send buffer per client socket, bytes (0: autotuned); "
      "caps kernel memory per slow reader"),
     ("--tls-cert", str, "PEM certificate chain: clients connect with TLS"),

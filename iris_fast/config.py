@@ -52,6 +52,8 @@ class ServerConfig:
     max_conns_per_ip: int = 20_000
     mailbox_max_bytes: int = 64 << 20
     max_pending_writes: int = 256 << 20
+    # Bytes one client may leave unread before it is cut (raised to fit a delivery window).
+    max_conn_pending_writes: int = 8 << 20
     # Kernel send buffer per client socket (0: the kernel's autotuning, up to tcp_wmem's max).
     socket_sndbuf: int = 0
     hibernate_after: float = 15.0

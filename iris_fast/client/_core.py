@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import iris_native as nat
 
+from iris_fast.protocol import deliver_len
+
 log = logging.getLogger("iris_fast.client")
 
 PROTOCOL_VERSION = 1
@@ -245,14 +247,24 @@ class ClientCore:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def add_unacked(self, to: str, body: bytes, msg_id: str | None) -> tuple[str, tuple]:
-        """Validate and register a message *before* it is written; returns (msg_id, SEND)."""
+    def add_unacked(
+        self, to: str, body: bytes, msg_id: str | None, sender: str | None = None
+    ) -> tuple[str, tuple]:
+        """Validate and register a message *before* it is written; returns (msg_id, SEND).
+
+        ``sender`` is our user id (None: assume the longest, 255 bytes).
+        """
         mid = new_msg_id() if msg_id is None else msg_id
         n_id = _str8_len(mid, "msg_id")
         n_to = _str8_len(to, "recipient")
-        size = 1 + 1 + n_id + 1 + n_to + len(body)
+        # The server refuses a message whose DELIVER (which names the sender instead of the
+        # recipient, plus tag and timestamp) would not fit max_frame, as well as a SEND that
+        # does not: both bounds, here, so that it is never sent (or resent) for nothing.
+        size = max(
+            1 + 1 + n_id + 1 + n_to + len(body),
+            deliver_len("x" * 255 if sender is None else sender, mid, len(body)),
+        )
         if size > self.max_frame:
-            # Sent anyway, the server would close the connection and every resend would repeat it.
             raise IrisError(
                 FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {self.max_frame}", mid
             )
