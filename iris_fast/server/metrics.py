@@ -180,6 +180,11 @@ class _WorkerCollector:
         yield GaugeMetricFamily(
             "iris_storage_queue", "Storage operations waiting for the writer", value=w.store.queued
         )
+        yield GaugeMetricFamily(
+            "iris_pending_write_bytes",
+            "Bytes queued for clients over their transport's high-water mark, at their last flush",
+            value=w.pending_write_bytes(),
+        )
         rss = rss_bytes()
         yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)
         yield GaugeMetricFamily(

@@ -267,6 +267,10 @@ class Worker:
         if not self.reads_paused and self._pending_total > self._max_pending_writes:
             self._check_write_pressure()
 
+    def pending_write_bytes(self) -> int:
+        """Bytes waiting for write-paused clients, as of their last flush (for /metrics)."""
+        return self._pending_total
+
     def _cut_slow_reader(self, conn: Connection, size: int) -> None:
         # No ERROR can reach a client that does not read (it would queue behind what it did not
         # read): count, log, and reset the connection so the kernel drops its buffer too.
