@@ -59,6 +59,9 @@ STORE_HIGH_WATER = 50_000
 STORE_LOW_WATER = 10_000
 # How long a login waits for its home worker to take the socket (queue full, or restarting).
 HANDOFF_RETRY_S = 10.0
+# Reads paused this long for --max-pending-writes: clients that do not read hold the worker
+# hostage, so the one holding the most is cut (one per sweep until reading resumes).
+WRITE_STALL_S = 5.0
 
 
 class Mailbox:
@@ -163,6 +166,7 @@ class Worker:
             config.max_conn_pending_writes, config.max_inflight_bytes + 2 * config.max_frame
         )
         self.reads_paused = False
+        self._reads_paused_at = 0.0
         self._max_frame = config.max_frame
         # Bodies up to this long fit any DELIVER (sender and msg_id are at most 255 bytes each).
         self._body_always_fits = config.max_frame - P.DELIVER_OVERHEAD - 2 * 255
@@ -260,7 +264,7 @@ class Worker:
             return
         size = transport.get_write_buffer_size()
         if size > self._max_conn_pending:
-            self._cut_slow_reader(conn, size)
+            self._cut_slow_reader(conn, size, f"limit {self._max_conn_pending} per connection")
             return
         self._pending_total += size - self._write_paused[conn]
         self._write_paused[conn] = size
@@ -271,12 +275,12 @@ class Worker:
         """Bytes waiting for write-paused clients, as of their last flush (for /metrics)."""
         return self._pending_total
 
-    def _cut_slow_reader(self, conn: Connection, size: int) -> None:
+    def _cut_slow_reader(self, conn: Connection, size: int, why: str) -> None:
         # No ERROR can reach a client that does not read (it would queue behind what it did not
         # read): count, log, and reset the connection so the kernel drops its buffer too.
         self.stats.rejected("slow_reader")
-        log.warning("cutting %s (user %r): %d bytes wait for it to read (limit %d)",
-                    conn.peer, conn.user, size, self._max_conn_pending)  # fmt: skip
+        log.warning("cutting %s (user %r): %d bytes wait for it to read (%s)",
+                    conn.peer, conn.user, size, why)  # fmt: skip
         self._pending_total -= self._write_paused.pop(conn, 0)
         sock = conn.transport.get_extra_info("socket")
         try:
@@ -296,6 +300,7 @@ class Worker:
         pending = self._pending_total = sum(paused.values())
         if not self.reads_paused and pending > self._max_pending_writes:
             self.reads_paused = True
+            self._reads_paused_at = monotonic()
             self.stats.write_backpressure += 1
             log.warning("%d bytes wait for slow clients (limit %d); pausing reads",
                         pending, self._max_pending_writes)  # fmt: skip
@@ -1029,6 +1034,16 @@ class Worker:
             self.fatal(conn, P.E_LOGIN_TIMEOUT, f"no LOGIN within {timeout:g} s")
         if self.login_limiter is not None:
             self.login_limiter.prune()
+        if self.reads_paused and now - self._reads_paused_at > WRITE_STALL_S:
+            self._check_write_pressure()
+            if self.reads_paused and self._write_paused:
+                hog = max(self._write_paused, key=self._write_paused.__getitem__)
+                self._cut_slow_reader(
+                    hog, self._write_paused[hog],
+                    f"reads paused {WRITE_STALL_S:g} s for --max-pending-writes; it holds most",
+                )  # fmt: skip
+                self._reads_paused_at = now
+                self._check_write_pressure()
         idle_after = self.config.hibernate_after
         for conn in self.connections:
             if now - conn.last_active > idle_after:

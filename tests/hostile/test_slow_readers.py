@@ -35,14 +35,14 @@ class Pair:
         self.snd.login("pair-s")
         self.n = 0
 
-    def check(self) -> None:
+    def check(self, timeout: float = 10.0) -> None:
         self.n += 1
         tag = f"p{self.n}"
         self.snd.send((N.SEND, tag, "pair-r", tag.encode()))
-        d = self.rcv.expect(N.DELIVER, timeout=10)
+        d = self.rcv.expect(N.DELIVER, timeout=timeout)
         assert d[4:] == (tag, tag.encode())
         self.rcv.send((N.DELIVER_ACK, d[1]))
-        assert self.snd.expect(N.ACK, timeout=10)[1] == tag
+        assert self.snd.expect(N.ACK, timeout=timeout)[1] == tag
 
 
 def start(server_factory, *extra: str):
@@ -156,4 +156,26 @@ def test_fatal_errors_and_login_timeouts_do_not_wait_for_a_client_that_never_rea
         except ConnectionResetError:
             pass
         sock.close()
+    pair.check()
+
+
+def test_a_client_that_never_reads_cannot_hold_the_worker_paused(server_factory):
+    # The worker bound is below the connection bound: one non-reader passes it, the worker
+    # pauses reading from everyone (checked at this flush, not at the next transition), and
+    # since that client will never drain, it is cut after a few seconds of pause.
+    srv = start(server_factory, "--max-pending-writes", "300000", "--login-timeout", "120")
+    pair = Pair(srv.addr)
+    pair.check()
+    s = non_reader(srv.addr)
+    s.sendall(N.encode((N.LOGIN, 1, "hostage-taker", "")))
+    s.sendall(b"".join(N.encode((N.PING, i)) for i in range(60_000)))  # 780 KB of PONGs
+    m = wait_metric(srv, "iris_write_backpressure_total", lambda v: v >= 1)
+    assert m["iris_write_backpressure_total"] >= 1, "the worker bound was not enforced"
+    t0 = time.monotonic()
+    pair.check(timeout=30)  # held while reads are paused, served once the hog is cut
+    m = srv.metrics()
+    assert m['iris_frames_rejected_total{reason="slow_reader"}'] == 1
+    assert m["iris_connections"] == 2
+    print(f"pair waited {time.monotonic() - t0:.1f} s behind the paused reads")
+    s.close()
     pair.check()
