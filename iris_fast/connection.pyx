@@ -142,7 +142,7 @@ cdef class Connection:
                 if self.handoff_pending:
                     # What followed LOGIN travels as the client sent it (undecodable frames
                     # included: the home worker answers them).
-                    worker.finish_handoff(self, f[2], data[login_end:])
+                    worker.finish_handoff(self, f[2], bytes(data[login_end:]))
                     return
             elif t == T_DECODE_ERROR:
                 worker.on_decode_error(self, f[1], f[2])

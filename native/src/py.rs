@@ -629,10 +629,25 @@ impl PyDecoder {
     /// user's home worker.
     fn feed_login<'py>(
         &mut self,
-        data: &Bound<'py, PyBytes>,
+        data: &Bound<'py, PyAny>,
     ) -> PyResult<(Bound<'py, PyList>, Option<usize>)> {
-        let (frames, end) = self.feed_slice_at(data.py(), data.as_bytes())?;
-        Ok((frames, end))
+        let py = data.py();
+        if let Ok(b) = data.downcast::<PyBytes>() {
+            return self.feed_slice_at(py, b.as_bytes());
+        }
+        let buf = PyBuffer::<u8>::get(data).map_err(|_| {
+            value_error(format!(
+                "feed_login() needs bytes or a byte buffer, got {}",
+                type_name(data)
+            ))
+        })?;
+        if !buf.is_c_contiguous() {
+            return Err(value_error("feed_login() needs a C-contiguous buffer"));
+        }
+        // SAFETY: as in `feed`.
+        let slice =
+            unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+        self.feed_slice_at(py, slice)
     }
 
     /// Bytes of an incomplete frame held back; non-zero at EOF means the
