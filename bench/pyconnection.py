@@ -100,4 +100,6 @@ class PyConnection:
         if out is None:
             return
         self._out = None
-        self.transport.write(encode_batch(out))
+        self.transport.write(encode_batch(out, 16 * 1024 * 1024 + 1024))
+        if self.write_paused:
+            self.worker.on_pending(self)

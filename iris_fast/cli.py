@@ -67,6 +67,8 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
      "(least recently used go first; rebuilt from storage when needed)"),
     ("--message-ttl", float, "seconds a stored message is kept undelivered before it is deleted "
      "(0: never)"),
+    ("--max-conn-pending-writes", int, "bytes waiting to be written to one client before it is "
+     "cut (raised to at least the 1 MiB delivery window + 2 x --max-frame)"),
     ("--socket-sndbuf", int, "kernel send buffer per client socket, bytes (0: autotuned); "
      "caps kernel memory per slow reader"),
     ("--tls-cert", str, "PEM certificate chain: clients connect with TLS"),

@@ -25,6 +25,10 @@ cdef enum:
     T_PONG = 8
     E_UNKNOWN_TYPE = 3
     E_NOT_LOGGED_IN = 5
+    # Bound on one outgoing frame: a sanity check only. What makes a DELIVER fit the client's
+    # --max-frame is the SEND check (Worker.on_send); a message stored while the node ran with
+    # a larger --max-frame (at most 16 MiB) is still delivered as it is, never stuck.
+    ENCODE_MAX = 16 * 1024 * 1024 + 1024
 
 # Process-wide I/O counters, read by the metrics collector: C integers, so counting costs no
 # allocation on the write path.
@@ -108,7 +112,12 @@ cdef class Connection:
         decoder = self._decoder
         if decoder is None:
             return
-        frames = decoder.feed(data)
+        login_end = None
+        if self.user is None:
+            # Before LOGIN: note where the first LOGIN ends, for a hand-off (see below).
+            frames, login_end = decoder.feed_login(data)
+        else:
+            frames = decoder.feed(data)
         worker = self.worker
         n = len(frames)
         for i in range(n):
@@ -131,7 +140,9 @@ cdef class Connection:
             elif t == T_LOGIN:
                 worker.on_login(self, f[1], f[2], f[3])
                 if self.handoff_pending:
-                    worker.finish_handoff(self, f[2], frames[i + 1:])
+                    # What followed LOGIN travels as the client sent it (undecodable frames
+                    # included: the home worker answers them).
+                    worker.finish_handoff(self, f[2], bytes(data[login_end:]))
                     return
             elif t == T_DECODE_ERROR:
                 worker.on_decode_error(self, f[1], f[2])
@@ -185,11 +196,14 @@ cdef class Connection:
         self._out = None
         if self.transport is None:
             return
-        data = encode_batch(out)
+        data = encode_batch(out, ENCODE_MAX)
         _writes += 1
         _frames_out += len(out)
         _bytes_out += len(data)
         self.transport.write(data)
+        if self.write_paused:
+            # Over the transport's high-water mark: the worker checks its bounds at every flush.
+            self.worker.on_pending(self)
 
     def close(self):
         """Flush what is queued, then close; the worker sees ``on_close`` exactly once."""
@@ -199,6 +213,17 @@ cdef class Connection:
         self.flush()
         if self.transport is not None:
             self.transport.close()
+
+    def cut(self):
+        """Flush what is queued (it goes out if the kernel takes it), then drop the connection
+        at once: a peer that does not read is never waited for. ``on_close`` follows once."""
+        if self.transport is None:
+            return
+        if not self.closing:
+            self.closing = True
+            self.flush()
+        if self.transport is not None:
+            self.transport.abort()
 
     def abandon(self):
         """Drop this process's hold on a socket handed to another worker (no FIN, no flush)."""

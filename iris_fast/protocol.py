@@ -24,6 +24,9 @@ from iris_native import (  # noqa: F401  (re-exported)
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 65536
+# A DELIVER frame's length without its sender, msg_id and body: type, tag u64, ts_ms u64 and the
+# two str8 length bytes. A SEND is taken only if the DELIVER it becomes fits max_frame.
+DELIVER_OVERHEAD = 1 + 8 + 8 + 1 + 1
 
 E_BAD_FRAME = 1
 E_FRAME_TOO_LARGE = 2
@@ -78,3 +81,8 @@ FATAL_ERRORS = frozenset(
 def valid_user_id(user: str) -> bool:
     """A user id is 1..255 UTF-8 bytes without NUL (it is part of storage keys)."""
     return 0 < len(user.encode()) <= 255 and "\x00" not in user
+
+
+def deliver_len(sender: str, msg_id: str, body_len: int) -> int:
+    """Length (type byte + payload, as counted against max_frame) of the DELIVER of a message."""
+    return DELIVER_OVERHEAD + len(sender.encode()) + len(msg_id.encode()) + body_len

@@ -476,6 +476,62 @@ def test_core_redelivery_of_unhanded_message_is_acked_only_when_handed() -> None
     assert core.pop_message() is None
 
 
+def test_core_tag_gap_resynchronises_instead_of_acking_past_it() -> None:
+    from iris_fast.client._core import ConnectionLost
+
+    core = ClientCore(lambda mid, res: None)
+    core.begin_connection()
+    core.feed(_deliver(1, "a"))
+    # Tag 2 never arrived (the server failed to write it): nothing may acknowledge it.
+    with pytest.raises(ConnectionLost, match="tag 3 after tag 1"):
+        core.feed(_deliver(3, "c"))
+    assert core.pop_message().msg_id == "a"  # type: ignore[union-attr]
+    assert _acks(core) == [1]
+    assert core.pop_message() is None  # "c" waits for its redelivery
+    # A repeated tag is no better.
+    core.begin_connection()
+    core.feed(_deliver(1, "b"))
+    with pytest.raises(ConnectionLost):
+        core.feed(_deliver(1, "c"))
+
+
+def test_tag_gap_reconnects_and_the_server_redelivers_from_storage() -> None:
+    """Connection 0 skips tag 2: the client must not ack tag 3 there, but reconnect; the
+    server (like iris-fast: unacknowledged deliveries are stored) redelivers on connection 1."""
+
+    def on_login(conn: Conn) -> list[tuple]:
+        if conn.index == 0:
+            m1 = conn.deliver("carol", "m1", b"one")
+            conn.deliver("carol", "m2", b"lost")  # tag 2: never written
+            return [m1, conn.deliver("carol", "m3", b"three")]
+        return [conn.deliver("carol", m, b"") for m in ("m1", "m2", "m3")]
+
+    with FakeServer(on_login=on_login) as srv:
+        for make in (IrisClient, AsyncIrisClient):
+            srv.conns.clear()
+            if make is IrisClient:
+                with IrisClient("127.0.0.1", srv.port) as c:
+                    c.login("bob")
+                    got = [c.recv(timeout=5).msg_id for _ in range(3)]
+                    with pytest.raises(TimeoutError):
+                        c.recv(timeout=0.3)
+            else:
+
+                async def main() -> list[str]:
+                    async with AsyncIrisClient("127.0.0.1", srv.port) as a:
+                        await a.login("bob")
+                        out = [(await a.recv(timeout=5)).msg_id for _ in range(3)]
+                        with pytest.raises(TimeoutError):
+                            await a.recv(timeout=0.3)
+                        return out
+
+                got = asyncio.run(main())
+            assert got == ["m1", "m2", "m3"]
+            assert len(srv.conns) == 2
+            assert all(tag < 2 for tag in srv.conns[0].deliver_acks), srv.conns[0].deliver_acks
+            wait_for(lambda: srv.conns[1].deliver_acks[-1:] == [3])
+
+
 def test_core_dedup_window_is_bounded() -> None:
     from iris_fast.client._core import DedupWindow
 

@@ -633,3 +633,18 @@ def test_default_decoder_reports_internal_frames_as_unknown(
     ]
     assert out == want
     assert d.pending() == 0
+
+
+def test_feed_login_returns_the_offset_past_the_first_good_login() -> None:
+    login = n.encode((n.LOGIN, 1, "alice", ""))
+    ping = n.encode((n.PING, 3))
+    bad_login = n.encode((n.LOGIN, 1, "x", ""))[:-3] + b"\xff\x00\x00"  # invalid UTF-8 user
+    d = n.Decoder()
+    # The bytes after it are what a hand-off carries, undecodable ones included.
+    tail = b"\x00\x00\x00\x02\x7f\x00" + ping + login[:5]
+    frames, end = d.feed_login(bytearray(ping + bad_login + login + tail))
+    assert [f[0] for f in frames] == [n.PING, n.DECODE_ERROR, n.LOGIN, n.DECODE_ERROR, n.PING]
+    assert end == len(ping + bad_login + login)
+    assert d.pending() == 5
+    assert d.feed_login(login[5:]) == ([(n.LOGIN, 1, "alice", "")], len(login) - 5)
+    assert d.feed_login(ping) == ([(n.PING, 3)], None)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import iris_native as nat
 
+from iris_fast.protocol import deliver_len
+
 log = logging.getLogger("iris_fast.client")
 
 PROTOCOL_VERSION = 1
@@ -245,14 +247,24 @@ class ClientCore:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def add_unacked(self, to: str, body: bytes, msg_id: str | None) -> tuple[str, tuple]:
-        """Validate and register a message *before* it is written; returns (msg_id, SEND)."""
+    def add_unacked(
+        self, to: str, body: bytes, msg_id: str | None, sender: str | None = None
+    ) -> tuple[str, tuple]:
+        """Validate and register a message *before* it is written; returns (msg_id, SEND).
+
+        ``sender`` is our user id (None: assume the longest, 255 bytes).
+        """
         mid = new_msg_id() if msg_id is None else msg_id
         n_id = _str8_len(mid, "msg_id")
         n_to = _str8_len(to, "recipient")
-        size = 1 + 1 + n_id + 1 + n_to + len(body)
+        # The server refuses a message whose DELIVER (which names the sender instead of the
+        # recipient, plus tag and timestamp) would not fit max_frame, as well as a SEND that
+        # does not: both bounds, here, so that it is never sent (or resent) for nothing.
+        size = max(
+            1 + 1 + n_id + 1 + n_to + len(body),
+            deliver_len("x" * 255 if sender is None else sender, mid, len(body)),
+        )
         if size > self.max_frame:
-            # Sent anyway, the server would close the connection and every resend would repeat it.
             raise IrisError(
                 FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {self.max_frame}", mid
             )
@@ -315,8 +327,17 @@ class ClientCore:
         log.warning("server reported error [%s] %s", code, reason)
 
     def _on_deliver(self, tag: int, ts: int, sender: str, msg_id: str, body: bytes) -> None:
-        if tag > self.highest_tag:
-            self.highest_tag = tag
+        if tag != self.highest_tag + 1:
+            # Tags count 1, 2, 3... per connection. A gap means a DELIVER meant for us never
+            # arrived, and a cumulative DELIVER_ACK past it would delete that message unseen.
+            # Resynchronise: drop this connection without acknowledging anything past the gap;
+            # the server stores what this connection left unacknowledged and delivers it again
+            # from storage at the next login, where the receive-side dedup absorbs repeats.
+            raise ConnectionLost(
+                f"DELIVER tag {tag} after tag {self.highest_tag}: a delivery went missing; "
+                "reconnecting to have it again"
+            )
+        self.highest_tag = tag
         key = (sender, msg_id)
         entry = self._pending.get(key)
         if entry is not None:

@@ -87,6 +87,7 @@ class AsyncIrisClient(ClientBase):
                 to,
                 to_body(body),
                 item[2] if len(item) > 2 else None,  # type: ignore[misc]
+                self.user,
             )
             fut: asyncio.Future[int] = loop.create_future()
             self._futures[mid] = fut

@@ -68,7 +68,7 @@ class IrisClient(ClientBase):
         """
         self._require_login()
         deadline = time.monotonic() + self.timeout
-        mid, frame = self._core.add_unacked(to, to_body(body), msg_id)
+        mid, frame = self._core.add_unacked(to, to_body(body), msg_id, self.user)
         self._waiting_id, self._result = mid, None
         try:
             if self._sock is not None and self._core.logged_in:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LINK_MAX_FRAME = 1 << 24
+# The largest client frame (--max-frame is at most 16 MiB) plus what a ROUTE_SEND adds to it.
+LINK_MAX_FRAME = (1 << 24) + 1024
 RECONNECT_DELAY_S = 0.05
 _HANDOFF_HEAD = struct.Struct(">2sB")
 _HANDOFF_MAGIC = b"H1"

@@ -210,6 +210,11 @@ class _WorkerCollector:
             "Bytes written to worker links that the kernel has not taken yet",
             value=w.link_queued_bytes(),
         )
+        yield GaugeMetricFamily(
+            "iris_pending_write_bytes",
+            "Bytes queued for clients over their transport's high-water mark, at their last flush",
+            value=w.pending_write_bytes(),
+        )
         rss = rss_bytes()
         yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)
         yield GaugeMetricFamily(

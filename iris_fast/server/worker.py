@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import sys
 import time
 from collections import OrderedDict, deque
@@ -66,6 +67,9 @@ EVICT_SCAN = 64
 # than SENDER_RECOUNT_S, and in any case once older than SENDER_REFRESH_S (see _sender_over).
 SENDER_RECOUNT_S = 2.0
 SENDER_REFRESH_S = 30.0
+# Reads paused this long for --max-pending-writes: clients that do not read hold the worker
+# hostage, so the one holding the most is cut (one per sweep until reading resumes).
+WRITE_STALL_S = 5.0
 
 
 class Mailbox:
@@ -189,8 +193,20 @@ class Worker:
         self._mailbox_max_bytes = config.mailbox_max_bytes
         # Bytes queued for clients that read too slowly, and whether reading is paused for it.
         self._max_pending_writes = config.max_pending_writes
-        self._write_paused: set[Connection] = set()
+        # Connections over their transport's high-water mark -> the bytes they held at their
+        # last flush, and the sum of those: checked at every flush, not only on transitions.
+        self._write_paused: dict[Connection, int] = {}
+        self._pending_total = 0
+        # One connection holding more than this is cut: never less than a full delivery window
+        # (and a frame more) can legitimately queue for a client that reads.
+        self._max_conn_pending = max(
+            config.max_conn_pending_writes, config.max_inflight_bytes + 2 * config.max_frame
+        )
         self.reads_paused = False
+        self._reads_paused_at = 0.0
+        self._max_frame = config.max_frame
+        # Bodies up to this long fit any DELIVER (sender and msg_id are at most 255 bytes each).
+        self._body_always_fits = config.max_frame - P.DELIVER_OVERHEAD - 2 * 255
         # Streamed in batches straight into the window: a restart never holds the table as
         # Python objects (docs/architecture.md, "Issue 10: dedup window").
         loaded = 0
@@ -266,7 +282,7 @@ class Worker:
             else:
                 self.per_source.pop(source, None)
         if conn in self._write_paused:
-            self._write_paused.discard(conn)
+            self._pending_total -= self._write_paused.pop(conn)
             self._check_write_pressure()
         self.connections.discard(conn)
         self.unauthenticated.discard(conn)
@@ -280,18 +296,54 @@ class Worker:
 
     def on_write_paused(self, conn: Connection) -> None:
         """A client stopped reading fast enough: its transport's buffer passed the high mark."""
-        self._write_paused.add(conn)
+        self._write_paused.setdefault(conn, 0)
         self._check_write_pressure()
+
+    def on_pending(self, conn: Connection) -> None:
+        """Called by a write-paused connection after each flush: enforce both bounds now, not
+        at the next pause/resume transition (a client that never reads makes none)."""
+        transport = conn.transport
+        if transport is None or conn not in self._write_paused:
+            return
+        size = transport.get_write_buffer_size()
+        if size > self._max_conn_pending:
+            self._cut_slow_reader(conn, size, f"limit {self._max_conn_pending} per connection")
+            return
+        self._pending_total += size - self._write_paused[conn]
+        self._write_paused[conn] = size
+        if not self.reads_paused and self._pending_total > self._max_pending_writes:
+            self._check_write_pressure()
+
+    def pending_write_bytes(self) -> int:
+        """Bytes waiting for write-paused clients, as of their last flush (for /metrics)."""
+        return self._pending_total
+
+    def _cut_slow_reader(self, conn: Connection, size: int, why: str) -> None:
+        # No ERROR can reach a client that does not read (it would queue behind what it did not
+        # read): count, log, and reset the connection so the kernel drops its buffer too.
+        self.stats.rejected("slow_reader")
+        log.warning("cutting %s (user %r): %d bytes wait for it to read (%s)",
+                    conn.peer, conn.user, size, why)  # fmt: skip
+        self._pending_total -= self._write_paused.pop(conn, 0)
+        sock = conn.transport.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, AttributeError):
+            pass
+        self._detach(conn)
+        conn.cut()
 
     def _check_write_pressure(self) -> None:
         # Only connections over the transport's high-water mark can hold much; summing them is
         # cheap because there are few. Over the bound, the worker stops reading from every
         # client (no new work) until the slow readers drained half of it.
-        pending = sum(
-            c.transport.get_write_buffer_size() for c in self._write_paused if c.transport
-        )
+        paused = self._write_paused
+        for c in paused:
+            paused[c] = c.transport.get_write_buffer_size() if c.transport else 0
+        pending = self._pending_total = sum(paused.values())
         if not self.reads_paused and pending > self._max_pending_writes:
             self.reads_paused = True
+            self._reads_paused_at = monotonic()
             self.stats.write_backpressure += 1
             log.warning("%d bytes wait for slow clients (limit %d); pausing reads",
                         pending, self._max_pending_writes)  # fmt: skip
@@ -306,7 +358,7 @@ class Worker:
 
     def on_writable(self, conn: Connection) -> None:
         if conn in self._write_paused:
-            self._write_paused.discard(conn)
+            self._pending_total -= self._write_paused.pop(conn)
             if self.reads_paused:
                 self._check_write_pressure()
         if conn.user is not None and not conn.detached:
@@ -395,10 +447,14 @@ class Worker:
             self.login_limiter.failed(source)
         self.fatal(conn, code, reason)
 
-    def finish_handoff(self, conn: Connection, user: str, rest: list[tuple]) -> None:
-        """Called by the connection with the frames that followed LOGIN in the same read."""
+    def finish_handoff(self, conn: Connection, user: str, rest: bytes) -> None:
+        """Called by the connection with the bytes that followed LOGIN in the same read."""
         home = home_of(user, self.workers)
-        preamble = b"".join((N.encode_batch(rest, 1 << 30) if rest else b"", conn.take_pending()))
+        # The raw bytes, not re-encoded frames: a frame that failed to decode here has no
+        # encoding, and the home worker must answer it with its ERROR. The decoder's partial
+        # frame is the end of ``rest``.
+        conn.take_pending()
+        preamble = rest
         self._try_handoff(conn, home, user, preamble, time.monotonic() + HANDOFF_RETRY_S, 0.001)
 
     def _try_handoff(
@@ -516,6 +572,19 @@ class Worker:
                 conn, P.E_BAD_RECIPIENT, msg_id, "recipient must be 1..255 bytes without NUL"
             )
             return
+        if len(body) > self._body_always_fits:
+            size = P.deliver_len(sender, msg_id, len(body))
+            if size > self._max_frame:
+                # Its DELIVER (sender, tag and timestamp added) could never be written: take
+                # nothing that cannot be delivered, wherever the recipient is.
+                self.stats.rejected("message_too_large")
+                self.refuse(
+                    conn, P.E_FRAME_TOO_LARGE, msg_id,
+                    f"message too large: its DELIVER would be {size} bytes, over max_frame "
+                    f"{self._max_frame}; the body may be at most "
+                    f"{self._max_frame - size + len(body)} bytes",
+                )  # fmt: skip
+                return
         if self.conn_limits.active or self.user_limits.active:
             wait = self._rate_wait(conn, sender, len(body))
             if wait:
@@ -783,11 +852,12 @@ class Worker:
             )
 
     def fatal(self, conn: Connection, code: int, reason: str) -> None:
-        """An error after which the connection cannot continue: answer, then close."""
+        """An error after which the connection cannot continue: answer, then cut it (the
+        ERROR goes out if the kernel takes it; a peer that does not read is not waited for)."""
         self.stats.rejected(P.ERROR_NAMES.get(code, str(code)))
         conn.send((P.ERROR, code, "", reason))
         self._detach(conn)
-        conn.close()
+        conn.cut()
 
     def refuse(self, conn: Connection, code: int, msg_id: str, reason: str) -> None:
         """A message the node will not take (full mailbox, bad recipient): not a protocol error."""
@@ -1147,7 +1217,19 @@ class Worker:
         self._flush_pending = False
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception as exc:  # noqa: BLE001 - one connection's failure stays its own
+                self.on_flush_error(conn, exc)
+
+    def on_flush_error(self, conn: Connection, exc: BaseException) -> None:
+        """Writing one connection's frames failed (a server bug: every frame the server makes
+        is encodable): drop that connection only; its unacknowledged deliveries are stored and
+        delivered again at the next login."""
+        log.error("writing to %s (user %r) failed; cutting it: %r", conn.peer, conn.user, exc)
+        self.stats.rejected("write_failed")
+        self._detach(conn)
+        conn.cut()
 
     # ---- housekeeping (driven by a timer in serve.py) --------------------------------------------
 
@@ -1159,6 +1241,16 @@ class Worker:
             self.fatal(conn, P.E_LOGIN_TIMEOUT, f"no LOGIN within {timeout:g} s")
         if self.login_limiter is not None:
             self.login_limiter.prune()
+        if self.reads_paused and now - self._reads_paused_at > WRITE_STALL_S:
+            self._check_write_pressure()
+            if self.reads_paused and self._write_paused:
+                hog = max(self._write_paused, key=self._write_paused.__getitem__)
+                self._cut_slow_reader(
+                    hog, self._write_paused[hog],
+                    f"reads paused {WRITE_STALL_S:g} s for --max-pending-writes; it holds most",
+                )  # fmt: skip
+                self._reads_paused_at = now
+                self._check_write_pressure()
         idle_after = self.config.hibernate_after
         for conn in self.connections:
             if now - conn.last_active > idle_after:

@@ -937,13 +937,22 @@ impl Decoder {
     /// Feeds bytes from the socket; `sink` receives every frame (or per-frame
     /// error) completed by them, in stream order. After a FRAME_TOO_LARGE error
     /// the decoder is poisoned and ignores all further input.
-    pub fn feed<F>(&mut self, mut input: &[u8], mut sink: F)
+    ///
+    /// Returns the offset in `input` just past the first well-formed LOGIN
+    /// frame this call completed, if any. A connection handed to its user's
+    /// home worker takes the bytes after it along exactly as the client sent
+    /// them: frames that failed to decode cannot be re-encoded, and the home
+    /// worker must answer them itself. (Returned, not stored: a field would
+    /// grow every connection's decoder.)
+    pub fn feed<F>(&mut self, mut input: &[u8], mut sink: F) -> Option<usize>
     where
         F: FnMut(Result<FrameRef<'_>, DecodeError>),
     {
         if self.poisoned {
-            return;
+            return None;
         }
+        let start = input.len();
+        let mut login_end = None;
         while !self.buf.is_empty() && !input.is_empty() {
             // Complete the header first: the size check must happen before any
             // body byte is buffered.
@@ -953,14 +962,14 @@ impl Decoder {
                 input = &input[n..];
             }
             match self.header(&self.buf) {
-                Header::Incomplete => return,
+                Header::Incomplete => return login_end,
                 Header::Empty => {
                     self.buf.clear();
                     sink(Err(Self::empty_frame_error()));
                 }
                 Header::TooLarge(len) => {
                     self.poison(len, &mut sink);
-                    return;
+                    return login_end;
                 }
                 Header::Frame(total) => {
                     let n = (total - self.buf.len()).min(input.len());
@@ -968,13 +977,17 @@ impl Decoder {
                     self.buf.extend_from_slice(&input[..n]);
                     input = &input[n..];
                     if self.buf.len() < total {
-                        return;
+                        return login_end;
                     }
-                    sink(parse_frame_link(
+                    let r = parse_frame_link(
                         self.buf[HEADER_LEN],
                         &self.buf[HEADER_LEN + 1..],
                         self.link,
-                    ));
+                    );
+                    if login_end.is_none() && matches!(r, Ok(FrameRef::Login { .. })) {
+                        login_end = Some(start - input.len());
+                    }
+                    sink(r);
                     self.buf.clear();
                 }
             }
@@ -994,23 +1007,28 @@ impl Decoder {
                 }
                 Header::TooLarge(len) => {
                     self.poison(len, &mut sink);
-                    return;
+                    return login_end;
                 }
                 Header::Frame(total) => {
                     if input.len() < total {
                         self.buf.reserve_exact(total);
                         break;
                     }
-                    sink(parse_frame_link(
+                    let r = parse_frame_link(
                         input[HEADER_LEN],
                         &input[HEADER_LEN + 1..total],
                         self.link,
-                    ));
+                    );
+                    if login_end.is_none() && matches!(r, Ok(FrameRef::Login { .. })) {
+                        login_end = Some(start - input.len() + total);
+                    }
+                    sink(r);
                     input = &input[total..];
                 }
             }
         }
         self.buf.extend_from_slice(input);
+        login_end
     }
 
     /// Convenience form of [`Decoder::feed`] returning owned frames.
@@ -1316,6 +1334,40 @@ pub fn encode(frame: &FrameRef<'_>, max_frame: u32) -> Result<Vec<u8>, EncodeErr
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn feed_returns_the_offset_past_the_first_good_login() {
+        let login = |user: &str| {
+            encode(
+                &FrameRef::Login {
+                    version: 1,
+                    user,
+                    token: "",
+                },
+                DEFAULT_MAX_FRAME,
+            )
+            .unwrap()
+        };
+        let ping = encode(&FrameRef::Ping { nonce: 1 }, DEFAULT_MAX_FRAME).unwrap();
+        // A LOGIN with invalid UTF-8 in its user id: a decode error, not a LOGIN.
+        let mut bad = login("x");
+        let at = bad.len() - 3;
+        bad[at] = 0xff;
+        let first = login("alice");
+        let mut d = Decoder::new(DEFAULT_MAX_FRAME);
+        // The first good LOGIN starts in one feed and ends in the next.
+        let input = [ping.clone(), bad, first[..3].to_vec()].concat();
+        let mut errors = 0;
+        let end = d.feed(&input, |r| errors += usize::from(r.is_err()));
+        assert_eq!((errors, end), (1, None));
+        let input = [first[3..].to_vec(), login("bob"), ping.clone(), vec![0, 0]].concat();
+        assert_eq!(d.feed(&input, |_| {}), Some(first.len() - 3));
+        // Whole in one feed, after another frame; then a feed without LOGIN.
+        let mut d = Decoder::new(DEFAULT_MAX_FRAME);
+        let input = [ping.clone(), first.clone(), ping.clone()].concat();
+        assert_eq!(d.feed(&input, |_| {}), Some(ping.len() + first.len()));
+        assert_eq!(d.feed(&ping, |_| {}), None);
+    }
 
     #[test]
     fn take_pending_returns_the_partial_frame_and_empties_the_decoder() {

@@ -623,6 +623,34 @@ impl PyDecoder {
         self.feed_slice(py, slice)
     }
 
+    /// ``feed`` for a connection that has not logged in yet: returns
+    /// ``(frames, login_end)`` where ``login_end`` is the offset in ``data``
+    /// just past the first well-formed LOGIN frame it completed, or None. What
+    /// follows it travels, exactly as sent, with a connection handed to its
+    /// user's home worker.
+    fn feed_login<'py>(
+        &mut self,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyList>, Option<usize>)> {
+        let py = data.py();
+        if let Ok(b) = data.downcast::<PyBytes>() {
+            return self.feed_slice_at(py, b.as_bytes());
+        }
+        let buf = PyBuffer::<u8>::get(data).map_err(|_| {
+            value_error(format!(
+                "feed_login() needs bytes or a byte buffer, got {}",
+                type_name(data)
+            ))
+        })?;
+        if !buf.is_c_contiguous() {
+            return Err(value_error("feed_login() needs a C-contiguous buffer"));
+        }
+        // SAFETY: as in `feed`.
+        let slice =
+            unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+        self.feed_slice_at(py, slice)
+    }
+
     /// Bytes of an incomplete frame held back; non-zero at EOF means the
     /// stream ended mid-frame (truncated).
     fn pending(&self) -> usize {
@@ -684,11 +712,19 @@ impl PyDecoder {
 
 impl PyDecoder {
     fn feed_slice<'py>(&mut self, py: Python<'py>, input: &[u8]) -> PyResult<Bound<'py, PyList>> {
+        Ok(self.feed_slice_at(py, input)?.0)
+    }
+
+    fn feed_slice_at<'py>(
+        &mut self,
+        py: Python<'py>,
+        input: &[u8],
+    ) -> PyResult<(Bound<'py, PyList>, Option<usize>)> {
         let mut out: Vec<Bound<'py, PyTuple>> = Vec::new();
         // The core decoder's sink cannot fail; keep the first Python error
         // (only MemoryError is possible) and raise it after the feed.
         let mut failure: Option<PyErr> = None;
-        self.inner.feed(input, |r| {
+        let login_end = self.inner.feed(input, |r| {
             if failure.is_some() {
                 return;
             }
@@ -704,7 +740,7 @@ impl PyDecoder {
         if let Some(e) = failure {
             return Err(e);
         }
-        PyList::new(py, out)
+        Ok((PyList::new(py, out)?, login_end))
     }
 }
 

@@ -3,9 +3,13 @@
 Hypothesis draws what one hostile connection sends: valid frames of every type (client,
 server-to-client, worker-link and replication types), random garbage, frames cut short, fields
 cut short, trailing bytes, zero and oversized length prefixes, invalid UTF-8 in every string
-field. Meanwhile a sender and a receiver on the same server (``--workers 1``: the same worker as
-the attacker) exchange messages. After every example the server must still be healthy and the
-pair must have lost nothing: each message ACKed once and delivered exactly once, in order.
+field. Fields range up to their bounds: ids up to 255 bytes, tokens and payloads of kilobytes,
+bodies whose DELIVER lands just under or over ``max_frame``. Meanwhile a sender and a receiver
+on the same server exchange messages. The server runs two workers, so the attacker's LOGIN is
+often handed to the other worker together with whatever followed it in the same read, and the
+pair meets the attacker on either worker. After every example the server must still be healthy
+and the pair must have lost nothing: each message ACKed once and delivered exactly once, in
+order, in DELIVERs no longer than ``max_frame``.
 
 One server serves the whole test (every example); each example uses fresh connections and
 fresh user names for the pair, so one example cannot leak into the next.
@@ -22,9 +26,11 @@ import uuid
 
 import iris_native as N
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from rawclient import RawClient
+
+from iris_fast.protocol import deliver_len
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -48,17 +54,32 @@ def str16(b: bytes) -> bytes:
 
 # ---- strategies ---------------------------------------------------------------------------------
 
-# Strings as bytes: mostly valid UTF-8, sometimes not (lone continuation bytes, overlongs, ...).
+# Strings as bytes: mostly valid UTF-8, sometimes not (lone continuation bytes, overlongs, ...),
+# short or up to the 255 bytes of a str8 field.
 text_bytes = st.text(max_size=12).map(str.encode)
+long_bytes = st.builds(lambda n, c: bytes((c,)) * n, st.integers(200, 255), st.integers(0x20, 0xFF))
 any_bytes = st.one_of(
     text_bytes,
     st.binary(max_size=12),
+    long_bytes,
     st.sampled_from([b"\xff\xfe", b"\xc3\x28", b"\x80", b"\xed\xa0\x80", b"ok\xf0\x9f"]),
 )
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
 u64 = st.integers(0, 2**64 - 1)
-body = st.binary(max_size=200)
+# A body, or (NEAR, delta): a body whose DELIVER (as mallory's) is ``delta`` bytes off
+# max_frame, resolved once msg_id is known. Large payloads are one repeated byte: Hypothesis
+# draws lengths, not 64 KiB of entropy.
+NEAR = "near"
+body = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda n, c: bytes((c,)) * n, st.integers(1000, MAX_FRAME), u8),
+    # Past +1 the SEND to the pair's (longer) name is itself over max_frame; to mallory, not.
+    st.tuples(st.just(NEAR), st.integers(-4, 20)),
+)
+big_payload = st.one_of(
+    st.binary(max_size=40), st.builds(lambda n: b"\x01" * n, st.integers(256, 70_000))
+)
 # Users the attacker may claim; never the pair's (theirs carry a per-example suffix).
 attacker_user = st.one_of(st.sampled_from([b"mallory", b"eve"]), any_bytes)
 recipient = st.one_of(st.just(PAIR_RECEIVER), st.sampled_from([b"mallory", b"", b"a\x00b"]))
@@ -81,7 +102,8 @@ def valid_frame(draw) -> tuple[str, object]:
     )
     if kind == "login":
         version = draw(st.sampled_from([1, 1, 1, 0, 2, 255]))
-        payload = bytes((version,)) + str8(draw(attacker_user)) + str16(draw(any_bytes))
+        token = draw(st.one_of(any_bytes, st.integers(256, 65_535).map(lambda n: b"t" * n)))
+        payload = bytes((version,)) + str8(draw(attacker_user)) + str16(token)
         return ("raw", frame(N.LOGIN, payload))
     if kind == "send":
         msg_id = draw(st.one_of(st.text(min_size=1, max_size=12).map(str.encode), any_bytes))
@@ -102,11 +124,11 @@ def valid_frame(draw) -> tuple[str, object]:
         return ("raw", frame(t, payloads[t]))
     if kind == "internal":
         t = draw(st.sampled_from([N.ROUTE_SEND, N.ROUTE_ACK, N.ROUTE_ERROR, N.LINK_HELLO]))
-        return ("raw", frame(t, draw(st.binary(max_size=40))))
+        return ("raw", frame(t, draw(big_payload)))
     if kind == "repl":
         t = draw(st.sampled_from([N.REPL_HELLO, N.REPL_APPEND, N.REPL_ACK, N.REPL_HEARTBEAT]))
-        return ("raw", frame(t, draw(st.binary(max_size=40))))
-    return ("raw", frame(draw(u8), draw(st.binary(max_size=40))))
+        return ("raw", frame(t, draw(big_payload)))
+    return ("raw", frame(draw(u8), draw(big_payload)))
 
 
 @st.composite
@@ -145,6 +167,10 @@ def render(piece: tuple[str, object], pair_r: str) -> bytes:
         return arg  # type: ignore[return-value]
     if kind == "send":
         msg_id, to, payload = arg  # type: ignore[misc]
+        if isinstance(payload, tuple):
+            _, delta = payload
+            ident = msg_id.decode(errors="replace")
+            payload = b"n" * max(MAX_FRAME - deliver_len("mallory", ident, 0) + delta, 0)
         return frame(N.SEND, str8(msg_id) + str8(render_to(to, pair_r)) + payload)
     inner, k = arg  # type: ignore[misc]
     whole = render(inner, pair_r)
@@ -201,6 +227,8 @@ def exchange(addr: tuple[str, int], name: str, start_attack) -> int:
     Returns how many of the attacker's deliveries the receiver saw among its own."""
     s_name, r_name = f"good-s-{name}", f"good-r-{name}"
     rcv = RawClient(addr)
+    # Strict: a DELIVER longer than max_frame is a decode error here, which fails the test.
+    rcv.decoder = N.Decoder(MAX_FRAME)
     snd = RawClient(addr)
     foreign = 0
     try:
@@ -240,7 +268,7 @@ def exchange(addr: tuple[str, int], name: str, start_attack) -> int:
 
 
 def test_random_hostile_frames_leave_server_and_bystanders_intact(server_factory):
-    srv = server_factory("--workers", "1")
+    srv = server_factory("--workers", "2")
     counter = itertools.count()
     token = uuid.uuid4().hex[:12]
     foreign_deliveries: list[int] = []
@@ -255,6 +283,24 @@ def test_random_hostile_frames_leave_server_and_bystanders_intact(server_factory
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
     @given(hostile=hostile_stream)
+    # Always: near-bound SENDs (DELIVER one byte under, at, and over max_frame) as mallory, to
+    # the pair and to mallory, with bad frames right behind LOGIN in the same read (the
+    # hand-off takes them along when mallory's home is the other worker).
+    @example(
+        hostile=(
+            True,
+            1,
+            [
+                ("send", (b"n-under", PAIR_RECEIVER, (NEAR, -1))),
+                ("send", (b"n-at", PAIR_RECEIVER, (NEAR, 0))),
+                ("send", (b"n-over", PAIR_RECEIVER, (NEAR, 1))),
+                ("send", (b"n-over-m", b"mallory", (NEAR, 9))),
+                ("raw", frame(0x7F, b"?")),
+                ("raw", frame(N.SEND, b"\x01\xff\x01a")),
+            ],
+            [("raw", frame(N.PING, bytes(8)))],
+        )
+    )
     def run(hostile) -> None:
         login_first, spam, prelude, chaos = hostile
         name = f"{token}-{next(counter)}"
@@ -288,5 +334,8 @@ def test_random_hostile_frames_leave_server_and_bystanders_intact(server_factory
     # vacuous).
     assert sum(foreign_deliveries) > 0, "no attacker message ever reached the pair's receiver"
     rejected = srv.metrics()
-    for reason in ("bad_frame", "unknown_type", "frame_too_large"):
+    for reason in ("bad_frame", "unknown_type", "frame_too_large", "message_too_large"):
         assert rejected.get(f'iris_frames_rejected_total{{reason="{reason}"}}', 0) >= 1, reason
+    # Attackers were handed to their home worker with the rest of their first read.
+    assert rejected.get("iris_handoffs_out_total", 0) >= 1
+    assert "Traceback" not in srv.full_log(), srv.full_log()[-4000:]
