@@ -10,7 +10,8 @@ Delivery model (docs/architecture.md has the reasoning):
 * Every message accepted by the recipient's home gets a ``seq`` from that worker's counter.
   A recipient that is online, has room in its delivery window and has nothing older waiting in
   storage gets it *live*: nothing is written, and the sender's ACK waits for the recipient's
-  ``DELIVER_ACK``.
+  ``DELIVER_ACK`` -- but only for ``--live-ack-timeout``: a live delivery still unacknowledged
+  then is stored like the ones below (same ``seq``) and its sender ACKed ``STORED``.
 * Otherwise the message is *stored*: one LMDB put in the next group commit; the sender's ACK
   (flag ``STORED``) follows the fsync. A session pulls stored messages in ``seq`` order as its
   window frees, so live and stored messages of one sender never overtake each other.
@@ -133,6 +134,13 @@ class Worker:
         self._max_inflight_bytes = config.max_inflight_bytes
         self._mailbox_limit = config.mailbox_limit
         self._keepalive = int(config.keepalive_s)
+        # Live deliveries waiting for their DELIVER_ACK, as (connection, tag) in delivery order:
+        # a timer wheel of three buckets of half the timeout each, one timer per worker (not one
+        # per message), so a delivery is stored between 1 and 1.5 timeouts after it went out.
+        self._live_tick_s = config.live_ack_timeout_s / 2
+        self._live_new: list[tuple[Connection, int]] | None = None
+        self._live_wheel: deque[list[tuple[Connection, int]]] = deque()
+        self._live_timer: asyncio.TimerHandle | None = None
         # Keys loaded once per worker (None: open login); LOGIN buckets per source address.
         self.auth = Authenticator.from_config(config)
         self.login_limiter = LoginLimiter.from_config(config)
@@ -608,6 +616,12 @@ class Worker:
             and not rcpt.write_paused
         ):
             self._deliver(rcpt, (seq, sender, msg_id, now_ms, body, False))
+            live = self._live_new
+            if live is None:
+                live = self._live_new = []
+                if self._live_timer is None:
+                    self._live_timer = self.loop.call_later(self._live_tick_s, self._live_tick)
+            live.append((rcpt, rcpt.next_tag - 1))
         else:
             if rcpt is not None and rcpt.inflight and len(rcpt.inflight) >= self._max_inflight:
                 # The recipient's window of unacknowledged deliveries is full: it waits stored.
@@ -721,8 +735,9 @@ class Worker:
                 del mb.acks[seq]
                 self._delete_stored(user, mb, seq)
 
-    def _store_live_inflight(self, conn: Connection) -> None:
-        """Turn a session's unacknowledged live deliveries into stored ones (same seq)."""
+    def _store_live_inflight(self, conn: Connection, upto: int | None = None) -> None:
+        """Turn a session's unacknowledged live deliveries (those with tag <= ``upto``, or all)
+        into stored ones (same seq)."""
         inflight = conn.inflight
         if not inflight or all(rec[5] for _tag, rec in inflight):
             return
@@ -730,14 +745,47 @@ class Worker:
         mb = self._mailbox(user)
         converted = deque()
         for tag, rec in inflight:
-            if not rec[5]:
+            if not rec[5] and (upto is None or tag <= upto):
                 seq, sender, msg_id, ts, body, _ = rec
                 self._store(user, mb, seq, sender, msg_id, ts, body)
                 rec = (seq, sender, msg_id, ts, body, True)
             converted.append((tag, rec))
         conn.inflight = converted
-        # Already delivered on this session: its cursor must not fetch them a second time.
-        conn.cursor = max(conn.cursor, max(rec[0] for _t, rec in converted) + 1)
+        # Already delivered on this session: its cursor must not fetch them a second time --
+        # unless a message it has not had yet lies below them (a replicated one lowered the
+        # cursor and waits for room in the window): then the pump skips the in-flight ones.
+        top = max(rec[0] for _t, rec in converted) + 1
+        if top <= conn.cursor:
+            return
+        held = {rec[0] for _t, rec in converted}
+        low = conn.cursor
+        if mb.uncommitted and any(low <= s < top and s not in held for s in mb.uncommitted):
+            return
+        skip = held | mb.deleting if mb.deleting else held
+        for seq, *_ in self.store.read(user, low, 1, skip):
+            if seq < top:
+                return
+        conn.cursor = top
+
+    def _live_tick(self) -> None:
+        """Every half timeout: store the live deliveries older than the timeout."""
+        self._live_timer = None
+        wheel = self._live_wheel
+        wheel.append(self._live_new or [])
+        self._live_new = None
+        if len(wheel) >= 3:
+            due: dict[Connection, int] = {}
+            for conn, tag in wheel.popleft():
+                due[conn] = tag  # in delivery order: the last is the highest tag
+            for conn, tag in due.items():
+                inflight = conn.inflight
+                if inflight and inflight[0][0] <= tag and not conn.detached:
+                    self.stats.live_ack_timeouts += 1
+                    self._store_live_inflight(conn, tag)
+        if any(wheel):
+            self._live_timer = self.loop.call_later(self._live_tick_s, self._live_tick)
+        else:
+            wheel.clear()
 
     def _mailbox(self, user: str) -> Mailbox:
         mb = self.mailboxes.get(user)
