@@ -50,8 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A message on its way to a device: (seq, sender, msg_id, ts_ms, body, stored).
-Record = tuple[int, str, str, int, bytes, bool]
+# A message on its way to a device: (seq, sender, msg_id, ts_ms, body, stored); stored is
+# False (live), True, or GONE: stored, and the peer's deletion of it was applied already.
+Record = tuple[int, str, str, int, bytes, bool | int]
+GONE = 2
 
 # Pause reading from senders while this many storage operations wait for the writer: intake
 # must not outrun the disk without bound.
@@ -124,6 +126,11 @@ class Worker:
         self.unauthenticated: set[Connection] = set()
         self.mailboxes: dict[str, Mailbox] = {}
         self.dedup = DedupWindow(config.dedup_entries, int(config.dedup_age_s * 1000))
+        # With replication (docs/replication.md, "One copy per message"): the peer's PUTs whose
+        # key is pending here until their apply is durable -> the ACK flags owed to a sender
+        # waiting here (0: none); and our own puts not yet committed, by key -> (user, seq).
+        self._repl_pending: dict[tuple[str, str], bool] = {}
+        self._queued: dict[tuple[str, str], tuple[str, int]] = {}
         self.draining = False
         self._dirty: list[Connection] = []
         self._flush_pending = False
@@ -580,6 +587,10 @@ class Worker:
             stats.deduplicated += 1
             if state == DEDUP_DONE:
                 self._complete(sender, msg_id, P.ACK_DUPLICATE)
+            elif (sender, msg_id) in self._repl_pending:
+                # The peer's copy is being applied here; the peer ACKs its sender, which is
+                # now here: ACK it once that copy is durable here too (_applied).
+                self._repl_pending[(sender, msg_id)] = P.ACK_STORED | P.ACK_DUPLICATE
             # DEDUP_PENDING: the first copy is in flight; its ACK goes to the sender.
             return
         mb = self.mailboxes.get(to)
@@ -650,6 +661,10 @@ class Worker:
             if stored:
                 if mb is None:
                     mb = self._mailbox(user)
+                if stored == GONE:
+                    if mb.acks:
+                        mb.acks.pop(seq, None)
+                    continue
                 devices = self.devices.get(user)
                 if devices is not None:
                     # Deleted only once every device online has it.
@@ -667,10 +682,15 @@ class Worker:
                 self.dedup.mark_done(sender, msg_id)
                 if not now_ms:
                     now_ms = int(time.time() * 1000)
-                # Persisting the window entry lets a resend after a restart be recognised;
-                # it is not waited for (the message itself is already delivered).
-                self.store.put_dedup(dedup_key(sender, msg_id), now_ms)
-                self._complete(sender, msg_id, 0)
+                if self.repl is not None and self.repl.origin is not None:
+                    # The peer must know the message before its sender hears back: a resend
+                    # to the peer would otherwise be taken there as new, a second copy.
+                    self._dedup_then_complete(sender, msg_id, now_ms)
+                else:
+                    # Persisting the window entry lets a resend after a restart be recognised;
+                    # it is not waited for (the message itself is already delivered).
+                    self.store.put_dedup(dedup_key(sender, msg_id), now_ms)
+                    self._complete(sender, msg_id, 0)
         self._pump(conn)
 
     def on_decode_error(self, conn: Connection, code: int, reason: str) -> None:
@@ -809,10 +829,34 @@ class Worker:
         self, user: str, mb: Mailbox, seq: int, sender: str, msg_id: str, ts: int, body: bytes
     ) -> None:
         mb.add_queued(seq, len(body))
+        if self.repl is not None:
+            self._queued[(sender, msg_id)] = (user, seq)
         cb = self._stored_cb(user, seq, sender, msg_id)
         cb.lsn = self.store.put(  # type: ignore[attr-defined]
             user, seq, sender, msg_id, ts, body, dedup_key(sender, msg_id), cb
         )
+
+    def _dedup_then_complete(self, sender: str, msg_id: str, now_ms: int) -> None:
+        """ACK a live delivery once its dedup record is committed and on the peer."""
+
+        def replicated(flags: int) -> None:
+            self._complete(sender, msg_id, flags)
+
+        def committed() -> None:
+            self.repl.origin.when_replicated(committed.lsn, replicated)  # type: ignore[union-attr,attr-defined]
+
+        committed.lsn = self.store.put_dedup(dedup_key(sender, msg_id), now_ms, committed)  # type: ignore[attr-defined]
+
+    def _gone_by_peer(self, user: str, seq: int) -> None:
+        """The peer's deletion of ``seq`` was applied (and counted): a session here that still
+        has it in flight must not count its deletion a second time when it acknowledges it."""
+        for conn in self._sessions_of(user):
+            inflight = conn.inflight
+            if inflight:
+                for i, (tag, r) in enumerate(inflight):
+                    if r[0] == seq and r[5] is True:
+                        inflight[i] = (tag, r[:5] + (GONE,))
+                        break
 
     def _stored_cb(self, user: str, seq: int, sender: str, msg_id: str) -> Callable[[], None]:
         def replicated(flags: int) -> None:
@@ -821,6 +865,8 @@ class Worker:
 
         def stored() -> None:
             self.stats.stored += 1
+            if self._queued:
+                self._queued.pop((sender, msg_id), None)
             mb = self.mailboxes.get(user)
             if mb is not None and mb.uncommitted is not None:
                 mb.uncommitted.discard(seq)
@@ -929,22 +975,104 @@ class Worker:
         """Apply records of the peer's stream for users homed here; ``done`` once durable."""
         kept: list[ReplRecord] = []
         dedup = self.dedup
+        drop: list[tuple[str, int, int]] = []
         for rec in records:
             kind = rec[0]
             if kind == N.REC_PUT:
                 _, user, seq, ts, sender, msg_id, body = rec
                 if dedup.check_and_insert(sender, msg_id, ts):
-                    # This node already has the message (a client resent it here while the
-                    # peer's copy was on its way): one copy is enough.
-                    self.stats.repl_duplicates += 1
-                    continue
-                dedup.mark_done(sender, msg_id)
+                    # This node took the message too (a client resent it here while the peer's
+                    # copy was on its way): one copy must stay, on both nodes.
+                    if not self._keep_peer_copy(user, seq, sender, msg_id, len(body), drop):
+                        self.stats.repl_duplicates += 1
+                        continue
+                else:
+                    # Pending until durable here: a resend meanwhile is not ACKed before.
+                    self._repl_pending[(sender, msg_id)] = 0
                 self.store.observe_seq(seq)
                 self._mailbox(user).add_queued(seq, len(body))
             elif kind == N.REC_DEDUP:
                 dedup.insert_key(rec[1], DEDUP_DONE, rec[2])
             kept.append(rec)
         self.store.apply(kept, last_lsn, lambda results: self._applied(kept, results, done))
+        # Our copies that lost to the peer's go after the peer's is queued: the writer commits
+        # in order, so there is never a moment with neither on disk.
+        for user, own, size in drop:
+            self._delete_stored(user, self._mailbox(user), own, size)
+
+    def _keep_peer_copy(
+        self,
+        user: str,
+        seq: int,
+        sender: str,
+        msg_id: str,
+        size: int,
+        drop: list[tuple[str, int, int]],
+    ) -> bool:
+        """The peer's PUT ``seq`` of a message this node has a copy of its own of (or had):
+        whether to apply it. Both nodes decide alike, so the pair keeps one copy: the lower
+        seq of two stored ones; the stored one over a live delivery; none if it was already
+        delivered and acknowledged here. A losing own copy is appended to ``drop``."""
+        key = (sender, msg_id)
+        own: int | None = None
+        for conn in self._sessions_of(user):
+            inflight = conn.inflight
+            if not inflight:
+                continue
+            for i, (tag, r) in enumerate(inflight):
+                if r[1] == sender and r[2] == msg_id:
+                    if not r[5]:
+                        # Delivered live, not acknowledged yet: the peer's copy becomes the
+                        # durable one, the device's ack deletes it, and the sender (waiting for
+                        # that ack) is ACKed once the copy is durable here.
+                        inflight[i] = (tag, (seq, sender, msg_id, r[3], r[4], True))
+                        self._repl_pending[key] = P.ACK_STORED
+                        return True
+                    own = r[0]
+                    break
+            if own is not None:
+                break
+        if own is None:
+            queued = self._queued.get(key)
+            if queued is not None and queued[0] == user:
+                own = queued[1]
+        if own is None:
+            own = self._stored_copy(user, sender, msg_id)
+        if own == seq:
+            return False  # this very record was applied before
+        if own is None:
+            # Ours was delivered and acknowledged already: the peer's copy must go too. The
+            # DEL (of a key absent here) travels to the peer in our stream.
+            self.store.delete(user, seq)
+            return False
+        if own < seq:
+            return False  # ours stays; the peer drops its copy when ours reaches it
+        for conn in self._sessions_of(user):
+            if conn.inflight:
+                for i, (tag, r) in enumerate(conn.inflight):
+                    if r[0] == own:
+                        conn.inflight[i] = (tag, (seq,) + r[1:])
+                        break
+        mb = self._mailbox(user)
+        if mb.acks and own in mb.acks:
+            mb.acks[seq] = mb.acks.pop(own)
+        drop.append((user, own, size))
+        return True
+
+    def _stored_copy(self, user: str, sender: str, msg_id: str) -> int | None:
+        """Seq of the committed copy of (sender, msg_id) in ``user``'s mailbox, if any (a scan:
+        only run when both nodes took one message, which a resend across nodes causes)."""
+        mb = self.mailboxes.get(user)
+        skip = mb.deleting if mb is not None else None
+        start = 0
+        while True:
+            page = self.store.read(user, start, 256, skip)
+            for seq, s, m, _ts, _body in page:
+                if s == sender and m == msg_id:
+                    return seq
+            if len(page) < 256:
+                return None
+            start = page[-1][0] + 1
 
     def _applied(
         self, records: list[ReplRecord], results: list[bool], done: Callable[[], None]
@@ -956,6 +1084,12 @@ class Worker:
             user, seq = rec[1], rec[2]
             mb = self.mailboxes.get(user)
             if kind == N.REC_PUT:
+                sender, msg_id = rec[4], rec[5]
+                # Done only now that it is durable here too (a resend is ACKed no earlier).
+                self.dedup.mark_done(sender, msg_id)
+                flags = self._repl_pending.pop((sender, msg_id), 0)
+                if flags:
+                    self._complete(sender, msg_id, flags)
                 if mb is not None:
                     if mb.uncommitted is not None:
                         mb.uncommitted.discard(seq)
@@ -963,13 +1097,15 @@ class Worker:
                         mb.count -= 1
                         mb.bytes = max(mb.bytes - len(rec[6]), 0)
                 for conn in self._sessions_of(user):
-                    if seq < conn.cursor:
+                    if seq < conn.cursor and not _in_flight(conn, seq):
                         conn.cursor = seq
                 if user in self.sessions:
                     self._schedule_pump(user)
-            elif changed and mb is not None:
+            elif changed and mb is not None and not (mb.deleting and seq in mb.deleting):
+                # (A deletion of ours still queued was counted when it was queued.)
                 mb.bytes = max(mb.bytes - _average(mb), 0)
                 mb.count = max(mb.count - 1, 0)
+                self._gone_by_peer(user, seq)
                 if mb.idle() and user not in self.sessions:
                     del self.mailboxes[user]
         self.stats.repl_applied += len(records)
@@ -1032,6 +1168,10 @@ class Worker:
     def session_count(self) -> int:
         """Logged-in sessions on this worker (devices counted one by one)."""
         return len(self.sessions) + sum(len(d) - 1 for d in self.devices.values())
+
+
+def _in_flight(conn: Connection, seq: int) -> bool:
+    return bool(conn.inflight) and any(r[0] == seq for _tag, r in conn.inflight)
 
 
 def _average(mb: Mailbox) -> int:

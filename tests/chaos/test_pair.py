@@ -67,7 +67,8 @@ def test_a_frozen_peer_withholds_the_ack_until_the_peer_timeout(pair):
     ack = s.expect(N.ACK, timeout=10)
     took = time.monotonic() - start
     assert ack == (N.ACK, "f1", N.ACK_STORED | N.ACK_DEGRADED)
-    assert took >= 0.9, f"ACK after {took:.2f} s, before the peer timeout"
+    # The silence is counted from the peer's last heartbeat, up to 0.25 s before the freeze.
+    assert took >= 0.6, f"ACK after {took:.2f} s, before the peer timeout"
     assert pair.a.health()["degraded"]
     pair.ab.heal()
     pair.wait_paired()
