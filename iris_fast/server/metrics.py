@@ -139,8 +139,8 @@ class _WorkerCollector:
                 s.window_full,
             ),
             "iris_live_ack_timeouts": (
-                "Times live deliveries waited longer than --live-ack-timeout for their "
-                "DELIVER_ACK and were stored",
+                "Live deliveries stored because their DELIVER_ACK did not come within "
+                "--live-ack-timeout",
                 s.live_ack_timeouts,
             ),
             "iris_write_backpressure": (

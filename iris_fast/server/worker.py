@@ -141,12 +141,14 @@ class Worker:
         self._max_inflight_bytes = config.max_inflight_bytes
         self._mailbox_limit = config.mailbox_limit
         self._keepalive = int(config.keepalive_s)
-        # Live deliveries waiting for their DELIVER_ACK, as (connection, tag) in delivery order:
-        # a timer wheel of three buckets of half the timeout each, one timer per worker (not one
-        # per message), so a delivery is stored between 1 and 1.5 timeouts after it went out.
+        # Live deliveries waiting for their DELIVER_ACK: a timer wheel of three buckets of half
+        # the timeout each, one timer per worker (not one per message), so a delivery is stored
+        # between 1 and 1.5 timeouts after it went out. A message costs one set.add: a bucket
+        # holds the sessions that got live deliveries, and when it closes, the highest tag each
+        # had by then.
         self._live_tick_s = config.live_ack_timeout_s / 2
-        self._live_new: list[tuple[Connection, int]] | None = None
-        self._live_wheel: deque[list[tuple[Connection, int]]] = deque()
+        self._live_new: set[Connection] | None = None
+        self._live_wheel: deque[dict[Connection, int] | None] = deque()
         self._live_timer: asyncio.TimerHandle | None = None
         # Keys loaded once per worker (None: open login); LOGIN buckets per source address.
         self.auth = Authenticator.from_config(config)
@@ -629,10 +631,10 @@ class Worker:
             self._deliver(rcpt, (seq, sender, msg_id, now_ms, body, False))
             live = self._live_new
             if live is None:
-                live = self._live_new = []
+                live = self._live_new = set()
                 if self._live_timer is None:
                     self._live_timer = self.loop.call_later(self._live_tick_s, self._live_tick)
-            live.append((rcpt, rcpt.next_tag - 1))
+            live.add(rcpt)
         else:
             if rcpt is not None and rcpt.inflight and len(rcpt.inflight) >= self._max_inflight:
                 # The recipient's window of unacknowledged deliveries is full: it waits stored.
@@ -755,20 +757,22 @@ class Worker:
                 del mb.acks[seq]
                 self._delete_stored(user, mb, seq)
 
-    def _store_live_inflight(self, conn: Connection, upto: int | None = None) -> None:
+    def _store_live_inflight(self, conn: Connection, upto: int | None = None) -> int:
         """Turn a session's unacknowledged live deliveries (those with tag <= ``upto``, or all)
-        into stored ones (same seq)."""
+        into stored ones (same seq); returns how many."""
         inflight = conn.inflight
         if not inflight or all(rec[5] for _tag, rec in inflight):
-            return
+            return 0
         user = conn.user
         mb = self._mailbox(user)
         converted = deque()
+        count = 0
         for tag, rec in inflight:
             if not rec[5] and (upto is None or tag <= upto):
                 seq, sender, msg_id, ts, body, _ = rec
                 self._store(user, mb, seq, sender, msg_id, ts, body)
                 rec = (seq, sender, msg_id, ts, body, True)
+                count += 1
             converted.append((tag, rec))
         conn.inflight = converted
         # Already delivered on this session: its cursor must not fetch them a second time --
@@ -776,32 +780,30 @@ class Worker:
         # cursor and waits for room in the window): then the pump skips the in-flight ones.
         top = max(rec[0] for _t, rec in converted) + 1
         if top <= conn.cursor:
-            return
+            return count
         held = {rec[0] for _t, rec in converted}
         low = conn.cursor
         if mb.uncommitted and any(low <= s < top and s not in held for s in mb.uncommitted):
-            return
+            return count
         skip = held | mb.deleting if mb.deleting else held
         for seq, *_ in self.store.read(user, low, 1, skip):
             if seq < top:
-                return
+                return count
         conn.cursor = top
+        return count
 
     def _live_tick(self) -> None:
         """Every half timeout: store the live deliveries older than the timeout."""
         self._live_timer = None
         wheel = self._live_wheel
-        wheel.append(self._live_new or [])
-        self._live_new = None
+        new, self._live_new = self._live_new, None
+        wheel.append({c: c.next_tag - 1 for c in new} if new else None)
         if len(wheel) >= 3:
-            due: dict[Connection, int] = {}
-            for conn, tag in wheel.popleft():
-                due[conn] = tag  # in delivery order: the last is the highest tag
-            for conn, tag in due.items():
+            due = wheel.popleft()
+            for conn, tag in (due or {}).items():
                 inflight = conn.inflight
                 if inflight and inflight[0][0] <= tag and not conn.detached:
-                    self.stats.live_ack_timeouts += 1
-                    self._store_live_inflight(conn, tag)
+                    self.stats.live_ack_timeouts += self._store_live_inflight(conn, tag)
         if any(wheel):
             self._live_timer = self.loop.call_later(self._live_tick_s, self._live_tick)
         else:
