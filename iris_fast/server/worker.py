@@ -129,7 +129,7 @@ class Worker:
         # With replication (docs/replication.md, "One copy per message"): the peer's PUTs whose
         # key is pending here until their apply is durable -> the ACK flags owed to a sender
         # waiting here (0: none); and our own puts not yet committed, by key -> (user, seq).
-        self._repl_pending: dict[tuple[str, str], bool] = {}
+        self._repl_pending: dict[tuple[str, str], int] = {}
         self._queued: dict[tuple[str, str], tuple[str, int]] = {}
         self.draining = False
         self._dirty: list[Connection] = []
