@@ -982,10 +982,11 @@ class Worker:
             kind = rec[0]
             if kind == N.REC_PUT:
                 _, user, seq, ts, sender, msg_id, body = rec
-                if dedup.check_and_insert(sender, msg_id, ts):
+                state = dedup.check_and_insert(sender, msg_id, ts)
+                if state:
                     # This node took the message too (a client resent it here while the peer's
                     # copy was on its way): one copy must stay, on both nodes.
-                    if not self._keep_peer_copy(user, seq, sender, msg_id, len(body), drop):
+                    if not self._keep_peer_copy(user, seq, sender, msg_id, len(body), state, drop):
                         self.stats.repl_duplicates += 1
                         continue
                 else:
@@ -1009,6 +1010,7 @@ class Worker:
         sender: str,
         msg_id: str,
         size: int,
+        state: int,
         drop: list[tuple[str, int, int]],
     ) -> bool:
         """The peer's PUT ``seq`` of a message this node has a copy of its own of (or had):
@@ -1040,8 +1042,17 @@ class Worker:
                 own = queued[1]
         if own is None:
             own = self._stored_copy(user, sender, msg_id)
+            mb = self.mailboxes.get(user)
+            if own is not None and mb is not None and mb.deleting and own in mb.deleting:
+                own = None  # acknowledged, its deletion queued: as good as gone
+                state = DEDUP_DONE
         if own == seq:
             return False  # this very record was applied before
+        if own is None and state != DEDUP_DONE:
+            # Pending, yet no copy of ours for this recipient: not the resend race (the same
+            # msg_id sent to another recipient breaks the protocol). Keep the peer's copy:
+            # nothing is lost.
+            return True
         if own is None:
             # Ours was delivered and acknowledged already: the peer's copy must go too. The
             # DEL (of a key absent here) travels to the peer in our stream.
@@ -1064,11 +1075,9 @@ class Worker:
     def _stored_copy(self, user: str, sender: str, msg_id: str) -> int | None:
         """Seq of the committed copy of (sender, msg_id) in ``user``'s mailbox, if any (a scan:
         only run when both nodes took one message, which a resend across nodes causes)."""
-        mb = self.mailboxes.get(user)
-        skip = mb.deleting if mb is not None else None
         start = 0
         while True:
-            page = self.store.read(user, start, 256, skip)
+            page = self.store.read(user, start, 256)
             for seq, s, m, _ts, _body in page:
                 if s == sender and m == msg_id:
                     return seq
