@@ -78,6 +78,26 @@ def test_a_frozen_peer_withholds_the_ack_until_the_peer_timeout(pair):
     assert r.expect(N.DELIVER)[4:] == ("f1", b"while b is frozen")
 
 
+def test_a_live_delivery_left_unacknowledged_is_on_both_nodes_before_its_ack(pair):
+    """The recipient is online on a but its application is not reading: after
+    --live-ack-timeout a stores the message, and the sender's ACK (STORED, not degraded)
+    waits until b has it too."""
+    idle = IrisClient(*pair.a.addr, timeout=10)
+    idle.login("idle-bob")
+    s = IrisClient(*pair.a.addr, timeout=10)
+    s.login("alice")
+    start = time.monotonic()
+    mid = s.send_msg("idle-bob", b"kept on both")
+    assert time.monotonic() - start < 1.0
+    assert s.last_ack_flags == N.ACK_STORED
+    # Another device of idle-bob, on b, reads it from b's own mailbox.
+    r = RawClient(pair.b.addr)
+    r.login("idle-bob")
+    assert r.expect(N.DELIVER)[3:] == ("alice", mid, b"kept on both")
+    idle.close()
+    s.close()
+
+
 def test_live_delivery_to_a_user_on_the_other_node(pair):
     bob = IrisClient(*pair.b.addr, timeout=10)
     bob.login("bob")
