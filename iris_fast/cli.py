@@ -36,6 +36,8 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
      "cores: each holds at most RLIMIT_NOFILE connections)"),
     ("--max-frame", int, "largest frame accepted, bytes"),
     ("--max-inflight", int, "unacknowledged deliveries per connection"),
+    ("--live-ack-timeout", float, "seconds a live delivery may wait for the device's "
+     "DELIVER_ACK before it is stored and its sender ACKed STORED"),
     ("--mailbox-limit", int, "stored messages per user before SEND gets MAILBOX_FULL"),
     ("--max-errors", int, "protocol errors before a connection is closed"),
     ("--login-timeout", float, "seconds a connection may stay without LOGIN"),
@@ -86,6 +88,7 @@ FIELD_OF = {
     "--heartbeat": "heartbeat_s",
     "--peer-timeout": "peer_timeout_s",
     "--message-ttl": "message_ttl_s",
+    "--live-ack-timeout": "live_ack_timeout_s",
 }
 
 

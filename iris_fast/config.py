@@ -36,6 +36,9 @@ class ServerConfig:
     max_frame: int = 65536
     max_inflight: int = 256
     max_inflight_bytes: int = 1 << 20
+    # A live delivery not acknowledged by the device within this bound is stored (and
+    # replicated) and its sender ACKed STORED: the sender never waits on the recipient's app.
+    live_ack_timeout_s: float = 0.05
     mailbox_limit: int = 10_000
     max_errors: int = 16
     login_timeout: float = 10.0
@@ -114,6 +117,8 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 flag = name.removesuffix("_s").replace("_", "-")
                 raise ValueError(f"--{flag} must not be negative (0 turns it off)")
+        if not 0 < self.live_ack_timeout_s <= 60:
+            raise ValueError("--live-ack-timeout must be above 0 and at most 60 seconds")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert:

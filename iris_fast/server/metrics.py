@@ -138,6 +138,11 @@ class _WorkerCollector:
                 "unacknowledged deliveries was full",
                 s.window_full,
             ),
+            "iris_live_ack_timeouts": (
+                "Live deliveries stored because their DELIVER_ACK did not come within "
+                "--live-ack-timeout",
+                s.live_ack_timeouts,
+            ),
             "iris_write_backpressure": (
                 "Times a worker paused reading: too many bytes waited for slow clients",
                 s.write_backpressure,

@@ -44,6 +44,7 @@ class WorkerStats:
         "mailbox_sender_full",
         "mailboxes_evicted",
         "expired",
+        "live_ack_timeouts",
         "rejected_by_reason",
     )
 
@@ -79,6 +80,7 @@ class WorkerStats:
         self.mailbox_sender_full = 0
         self.mailboxes_evicted = 0
         self.expired = 0
+        self.live_ack_timeouts = 0
         self.rejected_by_reason: dict[str, int] = {}
 
     def rejected(self, reason: str) -> None:

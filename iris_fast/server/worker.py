@@ -10,7 +10,8 @@ Delivery model (docs/architecture.md has the reasoning):
 * Every message accepted by the recipient's home gets a ``seq`` from that worker's counter.
   A recipient that is online, has room in its delivery window and has nothing older waiting in
   storage gets it *live*: nothing is written, and the sender's ACK waits for the recipient's
-  ``DELIVER_ACK``.
+  ``DELIVER_ACK`` -- but only for ``--live-ack-timeout``: a live delivery still unacknowledged
+  then is stored like the ones below (same ``seq``) and its sender ACKed ``STORED``.
 * Otherwise the message is *stored*: one LMDB put in the next group commit; the sender's ACK
   (flag ``STORED``) follows the fsync. A session pulls stored messages in ``seq`` order as its
   window frees, so live and stored messages of one sender never overtake each other.
@@ -50,8 +51,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A message on its way to a device: (seq, sender, msg_id, ts_ms, body, stored).
-Record = tuple[int, str, str, int, bytes, bool]
+# A message on its way to a device: (seq, sender, msg_id, ts_ms, body, stored); stored is
+# False (live), True, or GONE: stored, and the peer's deletion of it was applied already.
+Record = tuple[int, str, str, int, bytes, bool | int]
+GONE = 2
 
 # Pause reading from senders while this many storage operations wait for the writer: intake
 # must not outrun the disk without bound.
@@ -164,6 +167,11 @@ class Worker:
         self.routed_bytes: dict[int, int] = {}
         self._link_paused: dict[int, set[Connection]] = {}
         self.dedup = DedupWindow(config.dedup_entries, int(config.dedup_age_s * 1000))
+        # With replication (docs/replication.md, "One copy per message"): the peer's PUTs whose
+        # key is pending here until their apply is durable -> the ACK flags owed to a sender
+        # waiting here (0: none); and our own puts not yet committed, by key -> (user, seq).
+        self._repl_pending: dict[tuple[str, str], int] = {}
+        self._queued: dict[tuple[str, str], tuple[str, int]] = {}
         self.draining = False
         self._dirty: list[Connection] = []
         self._flush_pending = False
@@ -174,6 +182,15 @@ class Worker:
         self._max_inflight_bytes = config.max_inflight_bytes
         self._mailbox_limit = config.mailbox_limit
         self._keepalive = int(config.keepalive_s)
+        # Live deliveries waiting for their DELIVER_ACK: a timer wheel of three buckets of half
+        # the timeout each, one timer per worker (not one per message), so a delivery is stored
+        # between 1 and 1.5 timeouts after it went out. A message costs one set.add: a bucket
+        # holds the sessions that got live deliveries, and when it closes, the highest tag each
+        # had by then.
+        self._live_tick_s = config.live_ack_timeout_s / 2
+        self._live_new: set[Connection] | None = None
+        self._live_wheel: deque[dict[Connection, int] | None] = deque()
+        self._live_timer: asyncio.TimerHandle | None = None
         # Keys loaded once per worker (None: open login); LOGIN buckets per source address.
         self.auth = Authenticator.from_config(config)
         self.login_limiter = LoginLimiter.from_config(config)
@@ -734,6 +751,10 @@ class Worker:
             stats.deduplicated += 1
             if state == DEDUP_DONE:
                 self._complete(sender, msg_id, P.ACK_DUPLICATE)
+            elif (sender, msg_id) in self._repl_pending:
+                # The peer's copy is being applied here; the peer ACKs its sender, which is
+                # now here: ACK it once that copy is durable here too (_applied).
+                self._repl_pending[(sender, msg_id)] = P.ACK_STORED | P.ACK_DUPLICATE
             # DEDUP_PENDING: the first copy is in flight; its ACK goes to the sender.
             return
         mb = self.mailboxes.get(to)
@@ -778,6 +799,12 @@ class Worker:
             and not rcpt.write_paused
         ):
             self._deliver(rcpt, (seq, sender, msg_id, now_ms, body, False))
+            live = self._live_new
+            if live is None:
+                live = self._live_new = set()
+                if self._live_timer is None:
+                    self._live_timer = self.loop.call_later(self._live_tick_s, self._live_tick)
+            live.add(rcpt)
         else:
             if rcpt is not None and rcpt.inflight and len(rcpt.inflight) >= self._max_inflight:
                 # The recipient's window of unacknowledged deliveries is full: it waits stored.
@@ -808,6 +835,10 @@ class Worker:
             if stored:
                 if mb is None:
                     mb = self._mailbox(user)
+                if stored == GONE:
+                    if mb.acks:
+                        mb.acks.pop(seq, None)
+                    continue
                 devices = self.devices.get(user)
                 if devices is not None:
                     # Deleted only once every device online has it.
@@ -825,10 +856,15 @@ class Worker:
                 self.dedup.mark_done(sender, msg_id)
                 if not now_ms:
                     now_ms = int(time.time() * 1000)
-                # Persisting the window entry lets a resend after a restart be recognised;
-                # it is not waited for (the message itself is already delivered).
-                self.store.put_dedup(dedup_key(sender, msg_id), now_ms, dedup_sender(sender))
-                self._complete(sender, msg_id, 0)
+                if self.repl is not None and self.repl.origin is not None:
+                    # The peer must know the message before its sender hears back: a resend
+                    # to the peer would otherwise be taken there as new, a second copy.
+                    self._dedup_then_complete(sender, msg_id, now_ms)
+                else:
+                    # Persisting the window entry lets a resend after a restart be recognised;
+                    # it is not waited for (the message itself is already delivered).
+                    self.store.put_dedup(dedup_key(sender, msg_id), now_ms, dedup_sender(sender))
+                    self._complete(sender, msg_id, 0)
         self._pump(conn)
 
     def on_decode_error(self, conn: Connection, code: int, reason: str) -> None:
@@ -894,23 +930,57 @@ class Worker:
                 del mb.acks[seq]
                 self._delete_stored(user, mb, seq)
 
-    def _store_live_inflight(self, conn: Connection) -> None:
-        """Turn a session's unacknowledged live deliveries into stored ones (same seq)."""
+    def _store_live_inflight(self, conn: Connection, upto: int | None = None) -> int:
+        """Turn a session's unacknowledged live deliveries (those with tag <= ``upto``, or all)
+        into stored ones (same seq); returns how many."""
         inflight = conn.inflight
         if not inflight or all(rec[5] for _tag, rec in inflight):
-            return
+            return 0
         user = conn.user
         mb = self._mailbox(user)
         converted = deque()
+        count = 0
         for tag, rec in inflight:
-            if not rec[5]:
+            if not rec[5] and (upto is None or tag <= upto):
                 seq, sender, msg_id, ts, body, _ = rec
                 self._store(user, mb, seq, sender, msg_id, ts, body)
                 rec = (seq, sender, msg_id, ts, body, True)
+                count += 1
             converted.append((tag, rec))
         conn.inflight = converted
-        # Already delivered on this session: its cursor must not fetch them a second time.
-        conn.cursor = max(conn.cursor, max(rec[0] for _t, rec in converted) + 1)
+        # Already delivered on this session: its cursor must not fetch them a second time --
+        # unless a message it has not had yet lies below them (a replicated one lowered the
+        # cursor and waits for room in the window): then the pump skips the in-flight ones.
+        top = max(rec[0] for _t, rec in converted) + 1
+        if top <= conn.cursor:
+            return count
+        held = {rec[0] for _t, rec in converted}
+        low = conn.cursor
+        if mb.uncommitted and any(low <= s < top and s not in held for s in mb.uncommitted):
+            return count
+        skip = held | mb.deleting if mb.deleting else held
+        for seq, *_ in self.store.read(user, low, 1, skip):
+            if seq < top:
+                return count
+        conn.cursor = top
+        return count
+
+    def _live_tick(self) -> None:
+        """Every half timeout: store the live deliveries older than the timeout."""
+        self._live_timer = None
+        wheel = self._live_wheel
+        new, self._live_new = self._live_new, None
+        wheel.append({c: c.next_tag - 1 for c in new} if new else None)
+        if len(wheel) >= 3:
+            due = wheel.popleft()
+            for conn, tag in (due or {}).items():
+                inflight = conn.inflight
+                if inflight and inflight[0][0] <= tag and not conn.detached:
+                    self.stats.live_ack_timeouts += self._store_live_inflight(conn, tag)
+        if any(wheel):
+            self._live_timer = self.loop.call_later(self._live_tick_s, self._live_tick)
+        else:
+            wheel.clear()
 
     def _mailbox(self, user: str) -> Mailbox:
         mb = self.mailboxes.get(user)
@@ -1038,10 +1108,36 @@ class Worker:
         self, user: str, mb: Mailbox, seq: int, sender: str, msg_id: str, ts: int, body: bytes
     ) -> None:
         mb.add_queued(seq, len(body))
+        if self.repl is not None:
+            self._queued[(sender, msg_id)] = (user, seq)
         cb = self._stored_cb(user, seq, sender, msg_id)
         cb.lsn = self.store.put(  # type: ignore[attr-defined]
             user, seq, sender, msg_id, ts, body, dedup_key(sender, msg_id), cb
         )
+
+    def _dedup_then_complete(self, sender: str, msg_id: str, now_ms: int) -> None:
+        """ACK a live delivery once its dedup record is committed and on the peer."""
+
+        def replicated(flags: int) -> None:
+            self._complete(sender, msg_id, flags)
+
+        def committed() -> None:
+            self.repl.origin.when_replicated(committed.lsn, replicated)  # type: ignore[union-attr,attr-defined]
+
+        committed.lsn = self.store.put_dedup(  # type: ignore[attr-defined]
+            dedup_key(sender, msg_id), now_ms, dedup_sender(sender), committed
+        )
+
+    def _gone_by_peer(self, user: str, seq: int) -> None:
+        """The peer's deletion of ``seq`` was applied (and counted): a session here that still
+        has it in flight must not count its deletion a second time when it acknowledges it."""
+        for conn in self._sessions_of(user):
+            inflight = conn.inflight
+            if inflight:
+                for i, (tag, r) in enumerate(inflight):
+                    if r[0] == seq and r[5] is True:
+                        inflight[i] = (tag, r[:5] + (GONE,))
+                        break
 
     def _stored_cb(self, user: str, seq: int, sender: str, msg_id: str) -> Callable[[], None]:
         def replicated(flags: int) -> None:
@@ -1050,6 +1146,8 @@ class Worker:
 
         def stored() -> None:
             self.stats.stored += 1
+            if self._queued:
+                self._queued.pop((sender, msg_id), None)
             mb = self.mailboxes.get(user)
             if mb is not None and mb.uncommitted is not None:
                 mb.uncommitted.discard(seq)
@@ -1158,22 +1256,113 @@ class Worker:
         """Apply records of the peer's stream for users homed here; ``done`` once durable."""
         kept: list[ReplRecord] = []
         dedup = self.dedup
+        drop: list[tuple[str, int, int]] = []
         for rec in records:
             kind = rec[0]
             if kind == N.REC_PUT:
                 _, user, seq, ts, sender, msg_id, body = rec
-                if dedup.check_and_insert(sender, msg_id, ts):
-                    # This node already has the message (a client resent it here while the
-                    # peer's copy was on its way): one copy is enough.
-                    self.stats.repl_duplicates += 1
-                    continue
-                dedup.mark_done(sender, msg_id)
+                state = dedup.check_and_insert(sender, msg_id, ts)
+                if state:
+                    # This node took the message too (a client resent it here while the peer's
+                    # copy was on its way): one copy must stay, on both nodes.
+                    if not self._keep_peer_copy(user, seq, sender, msg_id, len(body), state, drop):
+                        self.stats.repl_duplicates += 1
+                        continue
+                else:
+                    # Pending until durable here: a resend meanwhile is not ACKed before.
+                    self._repl_pending[(sender, msg_id)] = 0
                 self.store.observe_seq(seq)
                 self._mailbox(user).add_queued(seq, len(body))
             elif kind == N.REC_DEDUP:
                 dedup.insert_key(rec[1], DEDUP_DONE, rec[2], rec[3])
             kept.append(rec)
         self.store.apply(kept, last_lsn, lambda results: self._applied(kept, results, done))
+        # Our copies that lost to the peer's go after the peer's is queued: the writer commits
+        # in order, so there is never a moment with neither on disk.
+        for user, own, size in drop:
+            self._delete_stored(user, self._mailbox(user), own, size)
+
+    def _keep_peer_copy(
+        self,
+        user: str,
+        seq: int,
+        sender: str,
+        msg_id: str,
+        size: int,
+        state: int,
+        drop: list[tuple[str, int, int]],
+    ) -> bool:
+        """The peer's PUT ``seq`` of a message this node has a copy of its own of (or had):
+        whether to apply it. Both nodes decide alike, so the pair keeps one copy: the lower
+        seq of two stored ones; the stored one over a live delivery; none if it was already
+        delivered and acknowledged here. A losing own copy is appended to ``drop``."""
+        key = (sender, msg_id)
+        own: int | None = None
+        for conn in self._sessions_of(user):
+            inflight = conn.inflight
+            if not inflight:
+                continue
+            for i, (tag, r) in enumerate(inflight):
+                if r[1] == sender and r[2] == msg_id:
+                    if not r[5]:
+                        # Delivered live, not acknowledged yet: the peer's copy becomes the
+                        # durable one, the device's ack deletes it, and the sender (waiting for
+                        # that ack) is ACKed once the copy is durable here.
+                        inflight[i] = (tag, (seq, sender, msg_id, r[3], r[4], True))
+                        self._repl_pending[key] = P.ACK_STORED
+                        return True
+                    own = r[0]
+                    break
+            if own is not None:
+                break
+        if own is None:
+            queued = self._queued.get(key)
+            if queued is not None and queued[0] == user:
+                own = queued[1]
+        if own is None:
+            own = self._stored_copy(user, sender, msg_id)
+            mb = self.mailboxes.get(user)
+            if own is not None and mb is not None and mb.deleting and own in mb.deleting:
+                own = None  # acknowledged, its deletion queued: as good as gone
+                state = DEDUP_DONE
+        if own == seq:
+            return False  # this very record was applied before
+        if own is None and state != DEDUP_DONE:
+            # Pending, yet no copy of ours for this recipient: not the resend race (the same
+            # msg_id sent to another recipient breaks the protocol). Keep the peer's copy:
+            # nothing is lost.
+            return True
+        if own is None:
+            # Ours was delivered and acknowledged already: the peer's copy must go too. The
+            # DEL (of a key absent here) travels to the peer in our stream.
+            self.store.delete(user, seq)
+            return False
+        if own < seq:
+            return False  # ours stays; the peer drops its copy when ours reaches it
+        for conn in self._sessions_of(user):
+            if conn.inflight:
+                for i, (tag, r) in enumerate(conn.inflight):
+                    if r[0] == own:
+                        conn.inflight[i] = (tag, (seq,) + r[1:])
+                        break
+        mb = self._mailbox(user)
+        if mb.acks and own in mb.acks:
+            mb.acks[seq] = mb.acks.pop(own)
+        drop.append((user, own, size))
+        return True
+
+    def _stored_copy(self, user: str, sender: str, msg_id: str) -> int | None:
+        """Seq of the committed copy of (sender, msg_id) in ``user``'s mailbox, if any (a scan:
+        only run when both nodes took one message, which a resend across nodes causes)."""
+        start = 0
+        while True:
+            page = self.store.read(user, start, 256)
+            for seq, s, m, _ts, _body in page:
+                if s == sender and m == msg_id:
+                    return seq
+            if len(page) < 256:
+                return None
+            start = page[-1][0] + 1
 
     def _applied(
         self, records: list[ReplRecord], results: list[bool], done: Callable[[], None]
@@ -1185,6 +1374,12 @@ class Worker:
             user, seq = rec[1], rec[2]
             mb = self.mailboxes.get(user)
             if kind == N.REC_PUT:
+                sender, msg_id = rec[4], rec[5]
+                # Done only now that it is durable here too (a resend is ACKed no earlier).
+                self.dedup.mark_done(sender, msg_id)
+                flags = self._repl_pending.pop((sender, msg_id), 0)
+                if flags:
+                    self._complete(sender, msg_id, flags)
                 if mb is not None:
                     if mb.uncommitted is not None:
                         mb.uncommitted.discard(seq)
@@ -1192,13 +1387,15 @@ class Worker:
                         mb.count -= 1
                         mb.bytes = max(mb.bytes - len(rec[6]), 0)
                 for conn in self._sessions_of(user):
-                    if seq < conn.cursor:
+                    if seq < conn.cursor and not _in_flight(conn, seq):
                         conn.cursor = seq
                 if user in self.sessions:
                     self._schedule_pump(user)
-            elif changed and mb is not None:
+            elif changed and mb is not None and not (mb.deleting and seq in mb.deleting):
+                # (A deletion of ours still queued was counted when it was queued.)
                 mb.bytes = max(mb.bytes - _average(mb), 0)
                 mb.count = max(mb.count - 1, 0)
+                self._gone_by_peer(user, seq)
                 if mb.idle() and user not in self.sessions:
                     del self.mailboxes[user]
         self.stats.repl_applied += len(records)
@@ -1307,6 +1504,10 @@ def _sender_over_text(
 def _routed_size(frame: tuple) -> int:
     """Bytes a forwarded ROUTE_SEND holds: its body, ids and a small header."""
     return len(frame[6]) + len(frame[3]) + len(frame[4]) + len(frame[5]) + 32
+
+
+def _in_flight(conn: Connection, seq: int) -> bool:
+    return bool(conn.inflight) and any(r[0] == seq for _tag, r in conn.inflight)
 
 
 def _average(mb: Mailbox) -> int:

@@ -353,12 +353,22 @@ class MailboxStore:
         lsn, log = self._log((N.REC_DEL, user, seq))
         self._enqueue(("del", mailbox_key(user, seq), lsn, log), done)
 
-    def put_dedup(self, dedup_key: bytes, ts_ms: int, sender_hash: int = 0) -> None:
+    def put_dedup(
+        self,
+        dedup_key: bytes,
+        ts_ms: int,
+        sender_hash: int = 0,
+        done: Callable[[], None] | None = None,
+    ) -> int:
         """Persist a dedup entry of a message that completed without being stored;
-        ``sender_hash`` is ``dedup_sender(sender)``."""
+        ``sender_hash`` is ``dedup_sender(sender)``. With ``done`` it goes with the next batch
+        (not up to LAZY_DELAY_S later) and ``done`` runs once it is committed (not fsynced: the
+        peer's copy is what is waited for). Returns its LSN in the replication log (0 when the
+        node is not replicated)."""
         lsn, log = self._log((N.REC_DEDUP, dedup_key, ts_ms, sender_hash))
         op = ("dedup", _TS.pack(ts_ms) + dedup_key + _SEQ.pack(sender_hash), lsn, log)
-        self._enqueue(op, None)
+        self._enqueue(op, done, soon=done is not None)
+        return lsn
 
     def _log(self, rec: Record) -> tuple[int, bytes | None]:
         if not self.replicated:
@@ -422,6 +432,7 @@ class MailboxStore:
         op: tuple[Any, ...] | None,
         done: Callable[[], None] | None,
         durable: bool = False,
+        soon: bool = False,
     ) -> None:
         # Operations collect on the loop thread without a lock and cross to the writer once per
         # loop tick (one lock, one wake-up for the whole batch). Work that nobody waits for
@@ -430,8 +441,9 @@ class MailboxStore:
             self._batch.append(op)
         if done is not None:
             self._batch_callbacks.append(done)
-        if durable:
-            self._batch_durable = True
+        if durable or soon:
+            if durable:
+                self._batch_durable = True
             if not self._kick_soon:
                 self._kick_soon = True
                 self._loop.call_soon(self._kick)

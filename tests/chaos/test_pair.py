@@ -53,6 +53,51 @@ def test_stored_message_is_on_both_nodes_before_its_ack(pair):
     assert [f for f in r2.drain(0.5) if f[0] == N.DELIVER] == []
 
 
+def test_a_frozen_peer_withholds_the_ack_until_the_peer_timeout(pair):
+    """The ACK above really waits for the peer: with the peer silent (the proxy holds a's
+    records and b's acks, no FIN), no ACK comes; after --peer-timeout (1 s here) a gives up on
+    the peer and the ACK comes with ACK_DEGRADED. Asynchronous replication would ACK at once."""
+    s = RawClient(pair.a.addr)
+    s.login("alice")
+    pair.ab.blackhole()
+    start = time.monotonic()
+    s.send((N.SEND, "f1", "bob", b"while b is frozen"))
+    # Well below the 1 s peer timeout: withheld, although a's own commit took milliseconds.
+    assert s.next(timeout=0.6) is None
+    ack = s.expect(N.ACK, timeout=10)
+    took = time.monotonic() - start
+    assert ack == (N.ACK, "f1", N.ACK_STORED | N.ACK_DEGRADED)
+    # The silence is counted from the peer's last heartbeat, up to 0.25 s before the freeze.
+    assert took >= 0.6, f"ACK after {took:.2f} s, before the peer timeout"
+    assert pair.a.health()["degraded"]
+    pair.ab.heal()
+    pair.wait_paired()
+    # b catches up: bob reads the message from b.
+    r = RawClient(pair.b.addr)
+    r.login("bob")
+    assert r.expect(N.DELIVER)[4:] == ("f1", b"while b is frozen")
+
+
+def test_a_live_delivery_left_unacknowledged_is_on_both_nodes_before_its_ack(pair):
+    """The recipient is online on a but its application is not reading: after
+    --live-ack-timeout a stores the message, and the sender's ACK (STORED, not degraded)
+    waits until b has it too."""
+    idle = IrisClient(*pair.a.addr, timeout=10)
+    idle.login("idle-bob")
+    s = IrisClient(*pair.a.addr, timeout=10)
+    s.login("alice")
+    start = time.monotonic()
+    mid = s.send_msg("idle-bob", b"kept on both")
+    assert time.monotonic() - start < 1.0
+    assert s.last_ack_flags == N.ACK_STORED
+    # Another device of idle-bob, on b, reads it from b's own mailbox.
+    r = RawClient(pair.b.addr)
+    r.login("idle-bob")
+    assert r.expect(N.DELIVER)[3:] == ("alice", mid, b"kept on both")
+    idle.close()
+    s.close()
+
+
 def test_live_delivery_to_a_user_on_the_other_node(pair):
     bob = IrisClient(*pair.b.addr, timeout=10)
     bob.login("bob")
