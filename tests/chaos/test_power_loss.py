@@ -109,9 +109,10 @@ class Sender(threading.Thread):
 class LiveReader(threading.Thread):
     """An online recipient that acknowledges everything (its deletions keep the writer busy)."""
 
-    def __init__(self, addr: tuple[str, int]) -> None:
+    def __init__(self, addr: tuple[str, int], pace: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.addr = addr
+        self.pace = pace  # seconds between acknowledgements: a stream of small deletions
         self.stop = threading.Event()
         self.got: set[str] = set()
 
@@ -128,6 +129,8 @@ class LiveReader(threading.Thread):
                 if f[0] == N.DELIVER:
                     self.got.add(f[4])
                     c.send((N.DELIVER_ACK, f[1]))
+                    if self.pace:
+                        time.sleep(self.pace)
         except OSError:
             pass
 
@@ -206,12 +209,28 @@ def power_cut(disks: list[Disk], nodes: list[ServerProcess], keep: float, seed: 
         d.fs.unmount()
 
 
-def run_traffic(addr: tuple[str, int], cycle: int) -> tuple[list[Sender], LiveReader]:
-    live = LiveReader(addr)
-    live.start()
+def run_traffic(
+    addr: tuple[str, int], cycle: int, senders_to_cut: list[Sender] | None = None
+) -> tuple[list[Sender], LiveReader]:
+    """Even cycles: the cut comes while senders store messages and the live recipient takes
+    its share. Odd cycles: the senders are done and the live recipient drains a stored
+    backlog when the cut comes: a run of commits that only delete, which nobody waits for."""
     senders = [Sender(addr, i, cycle) for i in range(SENDERS)]
+    if cycle % 2 == 0:
+        live = LiveReader(addr)
+        live.start()
+        for s in senders:
+            s.start()
+        return senders, live
     for s in senders:
         s.start()
+    wait_acks(senders, 2000)
+    for s in senders:
+        s.stop.set()
+    for s in senders:
+        s.join(timeout=30)
+    live = LiveReader(addr, pace=0.002)
+    live.start()
     return senders, live
 
 
@@ -260,11 +279,11 @@ def test_power_loss_of_a_single_node_keeps_every_acked_message(tmp_path: Path, k
     disk.mount()
     srv = node(tmp_path, disk, "solo")
     try:
-        for cycle in range(3):
+        for cycle in range(4):
             srv.start()
             senders, live = run_traffic(srv.addr, cycle)
             wait_acks(senders, 200)
-            time.sleep(random.uniform(0.2, TRAFFIC_S))
+            time.sleep(random.uniform(0.3, TRAFFIC_S))
             power_cut([disk], [srv], keep, seed=cycle)
             stop_traffic(senders, live)
             disk.mount()
@@ -317,7 +336,7 @@ def test_power_loss_in_a_pair_keeps_every_acked_message(
         for cycle in range(2):
             senders, live = run_traffic(a.addr, cycle)
             wait_acks(senders, 200)
-            time.sleep(random.uniform(0.2, TRAFFIC_S))
+            time.sleep(random.uniform(0.3, TRAFFIC_S))
             victims = ["a", "b"] if both else ["a"]
             power_cut([disks[v] for v in victims], [nodes[v] for v in victims], 0.5, cycle)
             stop_traffic(senders, live)
