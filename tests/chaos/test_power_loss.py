@@ -273,13 +273,16 @@ def test_lazyfs_loses_unsynced_writes_and_keeps_synced_ones(tmp_path: Path) -> N
         d.fs.stop()
 
 
-@pytest.mark.parametrize("keep", [0.0, 0.5])
-def test_power_loss_of_a_single_node_keeps_every_acked_message(tmp_path: Path, keep: float) -> None:
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("keep", "cycles"), [(0.0, 2), (0.5, 4)])
+def test_power_loss_of_a_single_node_keeps_every_acked_message(
+    tmp_path: Path, keep: float, cycles: int
+) -> None:
     disk = Disk(tmp_path, "solo")
     disk.mount()
     srv = node(tmp_path, disk, "solo")
     try:
-        for cycle in range(4):
+        for cycle in range(cycles):
             srv.start()
             senders, live = run_traffic(srv.addr, cycle)
             wait_acks(senders, 200)
@@ -298,6 +301,7 @@ def test_power_loss_of_a_single_node_keeps_every_acked_message(tmp_path: Path, k
     print(f"power-loss cycles survived so far: {len(SURVIVED)}")
 
 
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("both", [False, True], ids=["one-node", "both-nodes"])
 def test_power_loss_in_a_pair_keeps_every_acked_message(
     tmp_path: Path, server_factory, both: bool
