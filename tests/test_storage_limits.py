@@ -164,6 +164,8 @@ def test_full_disk_refuses_with_an_error_keeps_the_worker_and_recovers(tmp_path:
         assert not during.other, during.other
         health = srv.health()
         assert health["status"] == "ok", health
+        assert any(w["storage"] != "ok" for w in health["workers"]), health
+        assert srv.metrics()["iris_storage_unavailable"] >= 1
         assert worker_state(srv) == before, f"a worker exited on the full disk:\n{srv.log()}"
         # The batch that hit the full disk is held, not lost and not ACKed: once space returns
         # it commits and its ACKs come.
@@ -178,6 +180,8 @@ def test_full_disk_refuses_with_an_error_keeps_the_worker_and_recovers(tmp_path:
         after.run()
         assert after.failure is None and len(after.acked) == 50, (after.failure, after.refused)
         assert worker_state(srv) == before
+        m = srv.metrics()
+        assert m["iris_storage_unavailable"] == 0 and m["iris_storage_commit_failures_total"] >= 1
         # Everything ACKed is there exactly once; nothing refused was stored.
         delivered: list[str] = []
         for r in recipients:
@@ -226,6 +230,7 @@ def test_stale_reader_of_a_dead_process_is_cleared(server_factory) -> None:
         finally:
             env.close()
         assert "stale LMDB reader" in srv.full_log()
+        assert srv.metrics()["iris_lmdb_stale_readers_cleared_total"] >= 1
     finally:
         if reader.poll() is None:
             reader.kill()
