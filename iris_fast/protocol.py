@@ -44,6 +44,7 @@ E_SHUTTING_DOWN = 13
 E_LOGIN_TIMEOUT = 14
 E_BAD_ACK = 15
 E_TOO_MANY_CONNECTIONS = 16
+E_STORAGE_UNAVAILABLE = 17
 
 ERROR_NAMES: dict[int, str] = {
     E_BAD_FRAME: "bad_frame",
@@ -62,6 +63,7 @@ ERROR_NAMES: dict[int, str] = {
     E_LOGIN_TIMEOUT: "login_timeout",
     E_BAD_ACK: "bad_ack",
     E_TOO_MANY_CONNECTIONS: "too_many_connections",
+    E_STORAGE_UNAVAILABLE: "storage_unavailable",
 }
 
 # After these the server closes the connection: the stream or the peer can't be trusted further.

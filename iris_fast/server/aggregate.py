@@ -220,6 +220,8 @@ def merge_health(
                 "connections": h["connections"] if h else 0,
                 "rss_bytes": h["rss_bytes"] if h else 0,
                 "restarts": restarts.get(i, 0),
+                # "ok", or why LMDB commits fail (messages to store are refused meanwhile)
+                "storage": h.get("storage", "ok") if h else None,
             }
             for i, h in sorted(workers.items())
         ],

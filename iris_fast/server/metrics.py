@@ -220,6 +220,19 @@ class _WorkerCollector:
             "Bytes queued for clients over their transport's high-water mark, at their last flush",
             value=w.pending_write_bytes(),
         )
+        yield GaugeMetricFamily(
+            "iris_storage_unavailable",
+            "1 while LMDB commits fail (disk full): messages to store are refused",
+            value=1 if w.store.unavailable is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "iris_storage_commit_failures", "LMDB commits that failed and were retried",
+            value=w.store.commit_failures,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "iris_lmdb_stale_readers_cleared", "Reader slots of dead processes cleared",
+            value=w.store.stale_readers_cleared,
+        )  # fmt: skip
         rss = rss_bytes()
         yield GaugeMetricFamily("iris_rss_bytes", "Resident memory of the process", value=rss)
         yield GaugeMetricFamily(

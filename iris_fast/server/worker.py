@@ -809,6 +809,14 @@ class Worker:
             if rcpt is not None and rcpt.inflight and len(rcpt.inflight) >= self._max_inflight:
                 # The recipient's window of unacknowledged deliveries is full: it waits stored.
                 stats.window_full += 1
+            if self.store.unavailable is not None:
+                # Commits fail (disk full): refuse rather than queue what may never commit.
+                self.dedup.remove(sender, msg_id)
+                self._refuse_to(
+                    sender, conn, P.E_STORAGE_UNAVAILABLE, msg_id,
+                    f"storage unavailable ({self.store.unavailable}); not taken, send again later",
+                )  # fmt: skip
+                return
             self._store(to, mb, seq, sender, msg_id, now_ms, body)
             if self._per_sender_limit or self._per_sender_bytes:
                 self._count_stored(mb, seq, sender, len(body))

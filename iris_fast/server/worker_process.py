@@ -35,6 +35,8 @@ log = logging.getLogger("iris_fast.worker")
 
 SWEEP_INTERVAL_S = 1.0
 DEDUP_PRUNE_INTERVAL_S = 60.0
+# Stale LMDB reader slots (a worker killed during a read) pin old pages until cleared.
+READER_CHECK_INTERVAL_S = 5.0
 CONFIG_ENV = "IRIS_FAST_CONFIG"
 
 
@@ -116,6 +118,7 @@ async def run_worker(config: ServerConfig) -> int:
             "rss_baseline_bytes": metrics.rss_baseline,
             "links_up": len(links.out) if links else 0,
             "replication": repl.health() if repl is not None else None,
+            "storage": store.unavailable or "ok",
         }
 
     routes = {
@@ -132,7 +135,7 @@ async def run_worker(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     async def housekeeping() -> None:
-        last_prune = time.monotonic()
+        last_prune = last_reader_check = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             worker.sweep(monotonic())
@@ -141,6 +144,9 @@ async def run_worker(config: ServerConfig) -> int:
             if time.monotonic() - last_prune > DEDUP_PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()
                 worker.prune_dedup()
+            if time.monotonic() - last_reader_check > READER_CHECK_INTERVAL_S:
+                last_reader_check = time.monotonic()
+                store.reader_check()
 
     sweeper = loop.create_task(housekeeping())
     log.info(

@@ -57,6 +57,10 @@ _NO_SENDER = bytes(8)
 
 # How long a deletion or dedup entry may wait to join a bigger batch.
 LAZY_DELAY_S = 0.05
+# After a commit failed (disk full, I/O error): pause before trying the held batch again.
+RETRY_S = 0.2
+# Attempts at a failing batch while closing, before giving up on it (it was never ACKed).
+CLOSE_ATTEMPTS = 3
 
 # One stored message as handed back to the server: (seq, sender, msg_id, ts_ms, body).
 StoredMessage = tuple[int, str, str, int, bytes]
@@ -116,13 +120,25 @@ class MailboxStore:
         replicated: bool = False,
     ) -> None:
         os.makedirs(path, exist_ok=True)
-        # sync=False: the writer decides per batch. A batch that stores messages is fsynced
-        # (env.sync) before anyone is told it is durable: that is what makes an ACK mean
-        # "survives kill -9 and power loss". A batch of deletions and dedup entries only is
-        # committed without fsync: the OS writes it back soon, a process crash cannot lose it,
-        # and losing it to a power cut only means a redelivery the client deduplicates.
-        self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=300, sync=False, metasync=False, writemap=False
+        # Held by the writer for its write transaction; a map resize takes it (see _Env).
+        self._map_lock = threading.Lock()
+        # Why the last commit failed, while it keeps failing (set by the writer thread, read
+        # on the loop: new messages are refused with E_STORAGE_UNAVAILABLE meanwhile).
+        self.unavailable: str | None = None
+        self.commit_failures = 0
+        self.stale_readers_cleared = 0
+        # Durability mode (docs/architecture.md, "Issue 10: storage durability"): metasync=False
+        # alone, which LMDB documents as keeping the database intact on a system crash (every
+        # commit fsyncs the data pages before it writes the meta page), plus env.sync(True)
+        # after a batch that someone waits for, which flushes that meta page before anyone is
+        # told the batch is durable. MDB_NOSYNC (sync=False) is never used: with it the meta
+        # page may reach the disk before the pages it points to, and a power cut corrupts the
+        # database, ACKed messages included.
+        self.env = _Env(
+            lmdb.open(
+                path, map_size=map_size, max_dbs=300, sync=True, metasync=False, writemap=False
+            ),
+            self,
         )
         self._msgs = self.env.open_db(b"msgs")
         self._dedup = self.env.open_db(b"dedup:%d" % writer_id)
@@ -159,6 +175,7 @@ class MailboxStore:
         self._kick_soon = False
         self._lazy_timer: asyncio.TimerHandle | None = None
         self.seq_hwm = self._load_hwm()
+        self.reader_check()
         self._thread = threading.Thread(target=self._run, name="iris-lmdb-writer", daemon=True)
         self._thread.start()
 
@@ -475,32 +492,83 @@ class MailboxStore:
             self._lock.notify()
 
     def _run(self) -> None:
+        # A batch whose commit failed stays here (ops, callbacks, durable) and is tried again,
+        # with whatever was queued since, until it commits: its completions (the ACKs) run only
+        # then, so nothing is ever ACKed that is not on disk, and the LSNs it logged stay
+        # contiguous for the peer. Meanwhile ``unavailable`` makes the worker refuse new
+        # messages instead of piling them up.
+        ops: list[tuple[Any, ...]] = []
+        callbacks: list[Callable[[], None]] = []
+        durable = False
+        count = 0
+        failures = 0
         while True:
             with self._lock:
-                while not self._ops and not self._callbacks and not self._closing:
-                    self._lock.wait()
-                if not self._ops and not self._callbacks and self._closing:
-                    return
-                ops, self._ops = self._ops, []
-                callbacks, self._callbacks = self._callbacks, []
-                durable, self._need_sync = self._need_sync, False
+                if ops or callbacks:
+                    self._lock.wait(RETRY_S)
+                else:
+                    while not self._ops and not self._callbacks and not self._closing:
+                        self._lock.wait()
+                    if not self._ops and not self._callbacks and self._closing:
+                        return
+                ops.extend(self._ops)
+                self._ops = []
+                callbacks.extend(self._callbacks)
+                self._callbacks = []
+                durable = durable or self._need_sync
+                self._need_sync = False
             started = time.perf_counter()
             try:
-                self._apply_growing(ops)
-                if durable:
-                    self.env.sync(True)
-            except Exception:  # pragma: no cover - disk full: nothing more can be ACKed
-                log.exception("LMDB commit of %d operations failed; stopping the node", len(ops))
+                if ops:
+                    self._apply_growing(ops)
+                    # A replicated batch is one operation carrying many records: count those.
+                    count += sum(len(op[1]) if op[0] == "apply" else 1 for op in ops)
+                    ops = []  # committed: a retry of the sync below must not apply them twice
+            except lmdb.PanicError:
+                log.exception("LMDB environment is unusable; stopping the worker")
                 os._exit(70)
+            except lmdb.Error as exc:
+                # Disk full, I/O error: LMDB aborted the transaction and nothing of it is
+                # visible. The data pages it wrote went to free pages, so trying again is safe.
+                failures += 1
+                self.commit_failures += 1
+                if self.unavailable is None:
+                    log.error(
+                        "LMDB commit of %d operations failed (%s); refusing new messages and "
+                        "retrying every %.1f s", len(ops), exc, RETRY_S,
+                    )  # fmt: skip
+                self.unavailable = f"{type(exc).__name__}: {exc}"
+                if self._closing and failures >= CLOSE_ATTEMPTS:
+                    log.error("closing with %d operations never committed (none was ACKed)",
+                              len(ops))  # fmt: skip
+                    return
+                continue
+            except Exception:
+                log.exception("LMDB commit of %d operations failed; stopping the worker", len(ops))
+                os._exit(70)
+            if durable:
+                try:
+                    self.env.sync(True)
+                except Exception:
+                    # The meta page of a committed batch may not be on disk, and after a failed
+                    # fsync the kernel may have dropped the dirty pages: a second fsync can
+                    # succeed without writing them. Only a restart (re-reading the file) is safe.
+                    log.exception("LMDB fsync failed; stopping the worker")
+                    os._exit(70)
+            if self.unavailable is not None:
+                log.warning("LMDB commits succeed again after %d failed attempts", failures)
+                self.unavailable = None
+            failures = 0
             if durable and self._on_commit is not None:
-                # A replicated batch is one operation carrying many records: count the records.
-                count = sum(len(op[1]) if op[0] == "apply" else 1 for op in ops)
                 self._on_commit(count, time.perf_counter() - started)
             if callbacks:
                 try:
                     self._loop.call_soon_threadsafe(_run_all, callbacks)
                 except RuntimeError:  # loop closed during shutdown
                     pass
+            callbacks = []
+            durable = False
+            count = 0
 
     def _apply_growing(self, ops: list[tuple[Any, ...]]) -> None:
         for _ in range(16):
@@ -512,15 +580,58 @@ class MailboxStore:
                 # the (aborted) transaction.
                 size = self.env.info()["map_size"] * 2
                 log.warning("LMDB map full; growing it to %d bytes", size)
-                self.env.set_mapsize(size)
-        raise RuntimeError("LMDB map could not grow enough for one batch")
+                self._resize_from_writer(size)
+            except lmdb.MapResizedError:
+                # Another worker process grew the map and the data now lies beyond ours.
+                log.info("LMDB map grown by another worker; adopting its size")
+                self._resize_from_writer(0)
+        raise lmdb.MapFullError("LMDB map could not grow enough for one batch")
+
+    def _resize(self, size: int) -> None:
+        """Set the map size (0: adopt the size another process set). Never while a read of
+        this process is open: on the loop thread (reads are synchronous there), or on the
+        writer while the loop thread waits in ``close``."""
+        with self._map_lock:
+            self.env.raw.set_mapsize(size)
+
+    def _resize_from_writer(self, size: int) -> None:
+        done = threading.Event()
+        claim = threading.Lock()  # exactly one of the loop and the writer resizes
+
+        def resize() -> None:
+            if claim.acquire(blocking=False):
+                try:
+                    self._resize(size)
+                finally:
+                    done.set()
+
+        try:
+            self._loop.call_soon_threadsafe(resize)
+        except RuntimeError:  # loop closed: nothing can be reading
+            resize()
+        while not done.wait(0.05):
+            if self._closing and claim.acquire(blocking=False):
+                # The loop thread waits for us in close(): it is not reading.
+                try:
+                    self._resize(size)
+                finally:
+                    done.set()
+
+    def reader_check(self) -> int:
+        """Clear the reader slots of dead processes (a worker killed during a read): each pins
+        the snapshot it was reading, so the file grows instead of reusing freed pages."""
+        cleared = self.env.reader_check()
+        if cleared:
+            self.stale_readers_cleared += cleared
+            log.warning("cleared %d stale LMDB reader slot(s) of dead processes", cleared)
+        return cleared
 
     def _apply(self, ops: list[tuple[Any, ...]]) -> None:
         if not ops:
             return
         msgs, dedup, rlog = self._msgs, self._dedup, self._rlog
         last_lsn = 0
-        with self.env.begin(write=True) as txn:
+        with self._map_lock, self.env.begin(write=True) as txn:
             for op in ops:
                 kind = op[0]
                 if kind == "put":
@@ -583,6 +694,36 @@ class MailboxStore:
             self._lock.notify()
         self._thread.join(timeout=30)
         self.env.close()
+
+
+class _Env:
+    """The LMDB environment, with map resizes made safe for this process's threads.
+
+    ``mdb_env_set_mapsize`` remaps the file and may only run while no transaction of the
+    process is open (py-lmdb does not check; a reader on another thread would then read
+    unmapped memory). Reads run on the loop thread and the write transaction on the writer,
+    so a resize runs on the loop thread under the store's map lock, which the writer holds for
+    its transaction. A read that finds the map grown by another worker process
+    (``MapResizedError``) adopts the new size the same way and starts again.
+    """
+
+    __slots__ = ("raw", "_store")
+
+    def __init__(self, env: lmdb.Environment, store: MailboxStore) -> None:
+        self.raw = env
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    def begin(self, *args: Any, **kwargs: Any) -> lmdb.Transaction:
+        if kwargs.get("write"):
+            return self.raw.begin(*args, **kwargs)
+        try:
+            return self.raw.begin(*args, **kwargs)
+        except lmdb.MapResizedError:
+            self._store._resize(0)
+            return self.raw.begin(*args, **kwargs)
 
 
 def _run_all(callbacks: list[Callable[[], None]]) -> None:
