@@ -14,7 +14,11 @@ state and the dedup authority for messages sent to it. Two mechanisms make that 
   loop tick exactly like client writes.
 
 All sockets are Linux abstract Unix sockets named after the node's data directory, so there are
-no files to clean up and no path-length limit.
+no files to clean up and no path-length limit. Abstract sockets have no file permissions: any
+process on the machine can connect to them (their names are listed in ``/proc/net/unix``). So
+every peer is checked by what the kernel says about it (``PeerAuth``): a link by
+``SO_PEERCRED``, each hand-off datagram by ``SCM_CREDENTIALS``. Only a sibling worker (same
+user, same supervisor) gets through; anything else is refused, counted and logged.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import asyncio
 import hashlib
 import logging
 import os
+import select
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -45,6 +51,12 @@ _HANDOFF_HEAD = struct.Struct(">2sB")
 _HANDOFF_MAGIC = b"H1"
 # A hand-off carries the user id and at most one read's worth of bytes that followed LOGIN.
 HANDOFF_MAX = 512 * 1024
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Room for the SCM_RIGHTS of one hand-off (more fds are closed) and the sender's credentials.
+_HANDOFF_ANCILLARY = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(_UCRED.size)
+# Sibling pids remembered (a node has at most 256 workers; dead ones are forgotten at once).
+_PEER_CACHE_MAX = 1024
+REFUSAL_LOG_INTERVAL_S = 1.0
 
 
 def home_of(user: str, workers: int) -> int:
@@ -75,18 +87,151 @@ def connect_unix(name: str) -> socket.socket:
     return sock
 
 
+# ---- who may talk to a worker ---------------------------------------------------------
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid`` (from /proc), or None if it is gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1024)
+    finally:
+        os.close(fd)
+    # "pid (comm) state ppid ...": comm may hold spaces and ")", so split after the last ")".
+    try:
+        return int(data[data.rindex(b")") + 2 :].split(b" ", 2)[1])
+    except (ValueError, IndexError):
+        return None
+
+
+class PeerAuth:
+    """Decides whether a local process may use this worker's hand-off and link sockets.
+
+    Allowed: a process of our own effective uid whose parent is our parent, i.e. a sibling
+    worker started by this node's supervisor. The uid check stops other local users; the
+    parent check stops every other process of the same user (a shell, another service, a
+    second node). Both facts come from the kernel (``SO_PEERCRED``/``SCM_CREDENTIALS``) and
+    ``/proc``, not from anything the peer writes. Root can forge ``SCM_CREDENTIALS`` pids and
+    ptrace the workers anyway: root on the node is outside the threat model.
+
+    Reading ``/proc/<pid>/stat`` costs about 11 µs, once per hand-off; so a sibling's pid is
+    remembered with a pidfd, which turns readable the moment that process exits, before its
+    pid can be reused: a remembered pid is never someone else's.
+    """
+
+    def __init__(self, stats: Any = None) -> None:
+        self.uid = os.geteuid()
+        self.parent = os.getppid()
+        self.stats = stats
+        self.refused = 0
+        self._pidfds: dict[int, int] = {}  # sibling pid -> its pidfd
+        self._pids: dict[int, int] = {}  # pidfd -> pid
+        self._exits: Any = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self._exits = select.epoll()
+            except OSError:
+                self._exits = None
+        self._logged_at = 0.0
+        self._unlogged = 0
+
+    def problem(self, pid: int, uid: int) -> str | None:
+        """Why the process ``pid`` running as ``uid`` may not talk to us (None: it may)."""
+        if uid != self.uid:
+            return f"uid {uid} is not this node's uid {self.uid}"
+        if pid <= 0:
+            return "the sender's pid is unknown (another pid namespace?)"
+        if self._exits is not None and self._pidfds:
+            for fd, _ in self._exits.poll(0):
+                self._forget(fd)
+            if pid in self._pidfds:
+                return None
+        parent = parent_of(pid)
+        if parent is None:
+            return f"pid {pid} is gone"
+        if parent != self.parent or self.parent <= 1:
+            return f"pid {pid} is not a worker of this node (its parent is {parent})"
+        self._remember(pid)
+        return None
+
+    def refuse(self, what: str, pid: int, uid: int, reason: str) -> None:
+        """Count a refused peer and log it (at most once a second, with what was not logged)."""
+        self.refused += 1
+        if self.stats is not None:
+            self.stats.local_peer_refused += 1
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_INTERVAL_S:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refusals not logged)" if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        log.warning("refused %s from pid %d uid %d: %s%s", what, pid, uid, reason, more)
+
+    def _remember(self, pid: int) -> None:
+        if self._exits is None or len(self._pidfds) >= _PEER_CACHE_MAX:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # it exited since: checked again next time
+        self._pidfds[pid] = fd
+        self._pids[fd] = pid
+        self._exits.register(fd, select.EPOLLIN)
+
+    def _forget(self, fd: int) -> None:
+        pid = self._pids.pop(fd, None)
+        if pid is not None:
+            self._pidfds.pop(pid, None)
+        self._exits.unregister(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        if self._exits is not None:
+            for fd in list(self._pids):
+                self._forget(fd)
+            self._exits.close()
+            self._exits = None
+
+
+def peer_credentials(sock: Any) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected Unix socket."""
+    pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return pid, uid
+
+
 # ---- links ----------------------------------------------------------------------------
 
 
 class LinkIn(asyncio.Protocol):
     """The receiving end of a link from another worker: frames in, handed to the worker."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, peers: PeerAuth) -> None:
         self.worker = worker
+        self.peers = peers
         self.decoder = N.Decoder(LINK_MAX_FRAME, internal=True)
         self.peer = -1
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Before any frame is read: a forged ROUTE_SEND must never reach the worker.
+        try:
+            pid, uid = peer_credentials(transport.get_extra_info("socket"))
+            problem = self.peers.problem(pid, uid)
+        except OSError as exc:
+            pid, uid, problem = -1, -1, f"no peer credentials: {exc}"
+        if problem is not None:
+            self.refused = True
+            self.peers.refuse("a worker link", pid, uid, problem)
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         w = self.worker
         for f in self.decoder.feed(data):
             t = f[0]
@@ -128,8 +273,16 @@ class LinkOut(BatchedSender, asyncio.Protocol):
 class Links:
     """Outgoing links to every other worker, reconnecting while a peer restarts."""
 
-    def __init__(self, worker: Worker, data_dir: str, index: int, workers: int) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        data_dir: str,
+        index: int,
+        workers: int,
+        peers: PeerAuth | None = None,
+    ) -> None:
         self.worker = worker
+        self.peers = peers if peers is not None else PeerAuth(worker.stats)
         self.data_dir = data_dir
         self.index = index
         self.workers = workers
@@ -144,7 +297,7 @@ class Links:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         name = socket_name(self.data_dir, "link", self.index)
-        self._server = await loop.create_unix_server(lambda: LinkIn(self.worker), name)
+        self._server = await loop.create_unix_server(lambda: LinkIn(self.worker, self.peers), name)
         for peer in range(self.workers):
             if peer != self.index:
                 self._connect_soon(peer, 0.0)
@@ -234,12 +387,17 @@ class Handoff:
         data_dir: str,
         index: int,
         adopt: Callable[[socket.socket, str, bytes], Any],
+        peers: PeerAuth | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.index = index
         self.adopt = adopt
+        self.peers = peers if peers is not None else PeerAuth()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
+        # Every datagram then carries its sender's pid and uid, filled in by the kernel; set
+        # before bind, so that no datagram can arrive without them.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         # Room for a LOGIN's trailing bytes (at most one read's worth) in one datagram.
         for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
             if opt is None:
@@ -276,7 +434,7 @@ class Handoff:
                 # Into one reusable buffer: a fresh large bytes object per hand-off leaves
                 # resident heap pages behind (measured: +300 bytes per connection).
                 nbytes, ancdata, _flags, _addr = self.sock.recvmsg_into(
-                    [self._buf], socket.CMSG_SPACE(4 * 4)
+                    [self._buf], _HANDOFF_ANCILLARY
                 )
             except BlockingIOError:
                 return
@@ -286,10 +444,24 @@ class Handoff:
                 log.error("hand-off receive failed: %s", exc)
                 return
             fds: list[int] = []
+            cred: tuple[int, int, int] | None = None
             for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_RIGHTS:
                     usable = len(cdata) - len(cdata) % 4
                     fds.extend(array.array("i", cdata[:usable]))
+                elif kind == socket.SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
+                    cred = _UCRED.unpack_from(cdata)
+            pid, uid = (cred[0], cred[1]) if cred is not None else (-1, -1)
+            problem = "no sender credentials" if cred is None else self.peers.problem(pid, uid)
+            if problem is not None:
+                # Not a sibling worker: whatever it claims (a user, a replication link), the
+                # socket it passed is closed unread.
+                for fd in fds:
+                    os.close(fd)
+                self.peers.refuse("a hand-off", pid, uid, problem)
+                continue
             if not fds:
                 continue
             data = memoryview(self._buf)[:nbytes]

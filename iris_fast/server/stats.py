@@ -39,6 +39,7 @@ class WorkerStats:
         "write_backpressure",
         "repl_applied",
         "repl_duplicates",
+        "local_peer_refused",
         "rejected_by_reason",
     )
 
@@ -70,6 +71,7 @@ class WorkerStats:
         self.write_backpressure = 0
         self.repl_applied = 0
         self.repl_duplicates = 0
+        self.local_peer_refused = 0
         self.rejected_by_reason: dict[str, int] = {}
 
     def rejected(self, reason: str) -> None:
