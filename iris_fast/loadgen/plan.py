@@ -151,6 +151,13 @@ def make_plan(
             f"{per_proc} connections per process exceed the open-files limit {limit}; "
             f"use more --procs"
         )
+    if token_secret is not None:
+        from iris_fast.server.auth import check_secret
+
+        try:
+            check_secret(token_secret, "--token-secret")
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
     if user_prefix is None:
         user_prefix = f"load-{os.urandom(3).hex()}"
     if not user_prefix or "\x00" in user_prefix or len(user_prefix.encode()) > 240:
