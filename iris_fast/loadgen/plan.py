@@ -9,8 +9,14 @@ import resource
 import socket
 from dataclasses import dataclass
 
+from iris_fast.config import DEFAULT_MAX_CONNS_PER_IP
+
 MAX_CONNS_PER_PROC = 15_000
-MAX_CONNS_PER_SOURCE_IP = 25_000  # the ephemeral port range is ~28k ports per source address
+# Default spread over 127.0.0.x source addresses: half the server's default per-address limit.
+# That limit is per node but enforced per worker (split evenly), and SO_REUSEPORT hashing and
+# hand-offs spread one address's connections only roughly evenly, so half leaves room; it is
+# also well inside the ~28k ephemeral ports of one source address (docs/architecture.md).
+MAX_CONNS_PER_SOURCE_IP = DEFAULT_MAX_CONNS_PER_IP // 2
 CONNECT_PHASE_CAP_S = 120.0
 FD_HEADROOM = 64  # descriptors a worker needs besides its sockets (pipes, epoll, imports)
 

@@ -5,9 +5,9 @@ state and the dedup authority for messages sent to it. Two mechanisms make that 
 
 * **Hand-off.** The kernel spreads new connections over the workers (``SO_REUSEPORT``). When a
   user logs in on a worker that is not its home, that worker checks the credentials, then passes
-  the socket's file descriptor to the home worker over a Unix datagram socket (``SCM_RIGHTS``),
-  together with any bytes that arrived after ``LOGIN``. The home adopts the socket; the client
-  never notices.
+  the socket's file descriptor to the home worker over a Unix ``SOCK_SEQPACKET`` connection
+  (``SCM_RIGHTS``), together with any bytes that arrived after ``LOGIN``. The home adopts the
+  socket; the client never notices.
 * **Links.** A SEND is handled by the sender's home (where its connection lives) and forwarded
   to the recipient's home as ``ROUTE_SEND`` over a Unix stream link; the answer comes back as
   ``ROUTE_ACK`` / ``ROUTE_ERROR``. One link per ordered pair of workers; frames are batched per
@@ -16,9 +16,9 @@ state and the dedup authority for messages sent to it. Two mechanisms make that 
 All sockets are Linux abstract Unix sockets named after the node's data directory, so there are
 no files to clean up and no path-length limit. Abstract sockets have no file permissions: any
 process on the machine can connect to them (their names are listed in ``/proc/net/unix``). So
-every peer is checked by what the kernel says about it (``PeerAuth``): a link by
-``SO_PEERCRED``, each hand-off datagram by ``SCM_CREDENTIALS``. Only a sibling worker (same
-user, same supervisor) gets through; anything else is refused, counted and logged.
+every connection to them is checked, before anything is read from it, by what the kernel says
+about its peer (``SO_PEERCRED``, ``PeerAuth``): only a sibling worker (same user, same
+supervisor) gets through; anything else is refused, counted and logged.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import select
 import socket
 import struct
 import time
@@ -52,10 +51,6 @@ _HANDOFF_MAGIC = b"H1"
 # A hand-off carries the user id and at most one read's worth of bytes that followed LOGIN.
 HANDOFF_MAX = 512 * 1024
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# Room for the SCM_RIGHTS of one hand-off (more fds are closed) and the sender's credentials.
-_HANDOFF_ANCILLARY = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(_UCRED.size)
-# Sibling pids remembered (a node has at most 256 workers; dead ones are forgotten at once).
-_PEER_CACHE_MAX = 1024
 REFUSAL_LOG_INTERVAL_S = 1.0
 
 
@@ -113,13 +108,10 @@ class PeerAuth:
     Allowed: a process of our own effective uid whose parent is our parent, i.e. a sibling
     worker started by this node's supervisor. The uid check stops other local users; the
     parent check stops every other process of the same user (a shell, another service, a
-    second node). Both facts come from the kernel (``SO_PEERCRED``/``SCM_CREDENTIALS``) and
-    ``/proc``, not from anything the peer writes. Root can forge ``SCM_CREDENTIALS`` pids and
+    second node). Both facts come from the kernel (``SO_PEERCRED`` at accept) and ``/proc``,
+    not from anything the peer writes; a connection is checked once, when it is accepted, so
+    a sibling that dies takes its connection with it and a reused pid gains nothing. Root can
     ptrace the workers anyway: root on the node is outside the threat model.
-
-    Reading ``/proc/<pid>/stat`` costs about 11 µs, once per hand-off; so a sibling's pid is
-    remembered with a pidfd, which turns readable the moment that process exits, before its
-    pid can be reused: a remembered pid is never someone else's.
     """
 
     def __init__(self, stats: Any = None) -> None:
@@ -127,14 +119,6 @@ class PeerAuth:
         self.parent = os.getppid()
         self.stats = stats
         self.refused = 0
-        self._pidfds: dict[int, int] = {}  # sibling pid -> its pidfd
-        self._pids: dict[int, int] = {}  # pidfd -> pid
-        self._exits: Any = None
-        if hasattr(os, "pidfd_open"):
-            try:
-                self._exits = select.epoll()
-            except OSError:
-                self._exits = None
         self._logged_at = 0.0
         self._unlogged = 0
 
@@ -143,18 +127,12 @@ class PeerAuth:
         if uid != self.uid:
             return f"uid {uid} is not this node's uid {self.uid}"
         if pid <= 0:
-            return "the sender's pid is unknown (another pid namespace?)"
-        if self._exits is not None and self._pidfds:
-            for fd, _ in self._exits.poll(0):
-                self._forget(fd)
-            if pid in self._pidfds:
-                return None
+            return "the peer's pid is unknown (another pid namespace?)"
         parent = parent_of(pid)
         if parent is None:
             return f"pid {pid} is gone"
         if parent != self.parent or self.parent <= 1:
             return f"pid {pid} is not a worker of this node (its parent is {parent})"
-        self._remember(pid)
         return None
 
     def refuse(self, what: str, pid: int, uid: int, reason: str) -> None:
@@ -169,31 +147,6 @@ class PeerAuth:
         more = f" ({self._unlogged} more refusals not logged)" if self._unlogged else ""
         self._logged_at, self._unlogged = now, 0
         log.warning("refused %s from pid %d uid %d: %s%s", what, pid, uid, reason, more)
-
-    def _remember(self, pid: int) -> None:
-        if self._exits is None or len(self._pidfds) >= _PEER_CACHE_MAX:
-            return
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return  # it exited since: checked again next time
-        self._pidfds[pid] = fd
-        self._pids[fd] = pid
-        self._exits.register(fd, select.EPOLLIN)
-
-    def _forget(self, fd: int) -> None:
-        pid = self._pids.pop(fd, None)
-        if pid is not None:
-            self._pidfds.pop(pid, None)
-        self._exits.unregister(fd)
-        os.close(fd)
-
-    def close(self) -> None:
-        if self._exits is not None:
-            for fd in list(self._pids):
-                self._forget(fd)
-            self._exits.close()
-            self._exits = None
 
 
 def peer_credentials(sock: Any) -> tuple[int, int]:
@@ -380,7 +333,14 @@ class HandoffError(Exception):
 
 
 class Handoff:
-    """Receives adopted client sockets; sends ours to their home worker."""
+    """Receives adopted client sockets; sends ours to their home worker.
+
+    One ``SOCK_SEQPACKET`` connection per ordered pair of workers, not a datagram socket: a Unix
+    datagram socket queues at most ``net.unix.max_dgram_qlen`` datagrams (10 by default), and
+    a login burst overflowed it at once (100,000 logins on 6 workers: one EAGAIN and retry per
+    hand-off, 40 s). A connected socket is bounded by its send buffer in bytes, keeps message
+    boundaries like a datagram, and is checked once, when it is accepted (``PeerAuth``).
+    """
 
     def __init__(
         self,
@@ -393,48 +353,105 @@ class Handoff:
         self.index = index
         self.adopt = adopt
         self.peers = peers if peers is not None else PeerAuth()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        # Every datagram then carries its sender's pid and uid, filled in by the kernel; set
-        # before bind, so that no datagram can arrive without them.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        # Room for a LOGIN's trailing bytes (at most one read's worth) in one datagram.
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.setblocking(False)
+        self.listener.bind(socket_name(data_dir, "handoff", index))
+        self.listener.listen(256)
+        self._out: dict[int, socket.socket] = {}  # peer index -> our connection to it
+        self._in: dict[int, socket.socket] = {}  # fd -> accepted connection from a sibling
+        self._buf = bytearray(HANDOFF_MAX)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _connection_to(self, peer: int) -> socket.socket:
+        sock = self._out.get(peer)
+        if sock is not None:
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        # Room for a login burst's hand-offs (and a LOGIN's trailing bytes, at most one
+        # read's worth) while the home worker is busy.
         for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
             if opt is None:
                 continue
             try:
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
                 break
             except OSError:
                 continue
-        self.sock.bind(socket_name(data_dir, "handoff", index))
-        self._buf = bytearray(HANDOFF_MAX)
-
-    def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+        try:
+            # A local connect completes at once, or fails at once (not listening: restarting;
+            # EAGAIN: its accept queue is full).
+            sock.connect(socket_name(self.data_dir, "handoff", peer))
+        except OSError:
+            sock.close()
+            raise
+        self._out[peer] = sock
+        return sock
 
     def send(self, peer: int, fd: int, user: str, preamble: bytes) -> None:
         """Give the socket ``fd`` of logged-in ``user`` to worker ``peer``."""
         u = user.encode()
         payload = _HANDOFF_HEAD.pack(_HANDOFF_MAGIC, len(u)) + u + preamble
         try:
-            # sendmsg, not socket.send_fds: Python 3.11's send_fds drops the address argument.
-            self.sock.sendmsg(
-                [payload],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-                0,
-                socket_name(self.data_dir, "handoff", peer),
-            )
+            sock = self._connection_to(peer)
         except OSError as exc:
             raise HandoffError(f"worker {peer} unavailable: {os.strerror(exc.errno or 0)}") from exc
+        try:
+            sock.sendmsg(
+                [payload],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                socket.MSG_NOSIGNAL,
+            )
+        except BlockingIOError as exc:
+            raise HandoffError(f"worker {peer} busy: its hand-off queue is full") from exc
+        except OSError as exc:
+            # The peer went away (restarting): the next try connects to its successor.
+            self._out.pop(peer, None)
+            sock.close()
+            raise HandoffError(f"worker {peer} unavailable: {os.strerror(exc.errno or 0)}") from exc
 
-    def _readable(self) -> None:
+    def _accept(self) -> None:
+        assert self._loop is not None
+        for _ in range(64):
+            try:
+                conn, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("hand-off accept failed: %s", exc)
+                return
+            try:
+                pid, uid = peer_credentials(conn)
+                problem = self.peers.problem(pid, uid)
+            except OSError as exc:
+                pid, uid, problem = -1, -1, f"no peer credentials: {exc}"
+            if problem is not None:
+                # Not a sibling worker: whatever it sent (a user, a replication link, sockets)
+                # is closed unread with the connection.
+                self.peers.refuse("a hand-off", pid, uid, problem)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._in[conn.fileno()] = conn
+            self._loop.add_reader(conn.fileno(), self._readable, conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        fd = conn.fileno()
+        if fd >= 0 and self._in.pop(fd, None) is not None and self._loop is not None:
+            self._loop.remove_reader(fd)
+        conn.close()
+
+    def _readable(self, conn: socket.socket) -> None:
         for _ in range(64):
             try:
                 # Into one reusable buffer: a fresh large bytes object per hand-off leaves
                 # resident heap pages behind (measured: +300 bytes per connection).
-                nbytes, ancdata, _flags, _addr = self.sock.recvmsg_into(
-                    [self._buf], _HANDOFF_ANCILLARY
+                nbytes, ancdata, _flags, _addr = conn.recvmsg_into(
+                    [self._buf], socket.CMSG_SPACE(4 * 4)
                 )
             except BlockingIOError:
                 return
@@ -442,27 +459,17 @@ class Handoff:
                 continue
             except OSError as exc:
                 log.error("hand-off receive failed: %s", exc)
+                self._drop(conn)
                 return
             fds: list[int] = []
-            cred: tuple[int, int, int] | None = None
             for level, kind, cdata in ancdata:
-                if level != socket.SOL_SOCKET:
-                    continue
-                if kind == socket.SCM_RIGHTS:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(cdata) - len(cdata) % 4
                     fds.extend(array.array("i", cdata[:usable]))
-                elif kind == socket.SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
-                    cred = _UCRED.unpack_from(cdata)
-            pid, uid = (cred[0], cred[1]) if cred is not None else (-1, -1)
-            problem = "no sender credentials" if cred is None else self.peers.problem(pid, uid)
-            if problem is not None:
-                # Not a sibling worker: whatever it claims (a user, a replication link), the
-                # socket it passed is closed unread.
-                for fd in fds:
-                    os.close(fd)
-                self.peers.refuse("a hand-off", pid, uid, problem)
-                continue
             if not fds:
+                if nbytes == 0:  # the sibling closed its end (it stopped or restarts)
+                    self._drop(conn)
+                    return
                 continue
             data = memoryview(self._buf)[:nbytes]
             try:
@@ -472,7 +479,7 @@ class Handoff:
                 user = bytes(data[3 : 3 + ulen]).decode()
                 preamble = bytes(data[3 + ulen :])
             except (ValueError, struct.error, UnicodeDecodeError):
-                log.error("malformed hand-off datagram dropped")
+                log.error("malformed hand-off message dropped")
                 for fd in fds:
                     os.close(fd)
                 continue
@@ -482,8 +489,14 @@ class Handoff:
             self.adopt(sock, user, preamble)
 
     def close(self) -> None:
-        try:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        except RuntimeError:
-            pass
-        self.sock.close()
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.listener.fileno())
+            except RuntimeError:
+                pass
+        for conn in list(self._in.values()):
+            self._drop(conn)
+        for sock in self._out.values():
+            sock.close()
+        self._out.clear()
+        self.listener.close()

@@ -172,7 +172,6 @@ async def run_worker(config: ServerConfig) -> int:
         links.close()
     if handoff is not None:
         handoff.close()
-        handoff.peers.close()
     http.close()
     store.close()
     log.info("worker %d stopped cleanly", config.worker_index)

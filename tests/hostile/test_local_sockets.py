@@ -8,6 +8,7 @@ node's supervisor), forging what a sibling worker would send.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -68,6 +69,35 @@ def _wait_metric(srv, name: str, at_least: float, timeout: float = 10.0) -> floa
     return value
 
 
+def _forge_handoff(name: str, payload: bytes, fd: int) -> None:
+    """Send ``payload`` with ``fd`` (SCM_RIGHTS) the way a sibling worker would.
+
+    The hand-off socket is SOCK_SEQPACKET; before issue 10 it was a datagram socket, which a
+    seqpacket connect reports as EPROTOTYPE: then the datagram is sent instead, so that this
+    test shows the hole on the old code too.
+    """
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    forger = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        try:
+            forger.connect(name)
+        except OSError as exc:
+            if exc.errno not in (errno.EPROTOTYPE, errno.ECONNREFUSED):
+                raise
+            forger.close()
+            forger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            forger.sendmsg([payload], rights, 0, name)
+            return
+        try:
+            forger.sendmsg([payload], rights)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before we wrote: fine, nothing was delivered
+        # Keep our end open a moment: a refusal must not depend on us hanging up first.
+        time.sleep(0.5)
+    finally:
+        forger.close()
+
+
 def test_a_forged_handoff_gets_no_login_and_no_message(server_factory):
     srv = server_factory("--workers", "2")
     victim = user_on(1, "victim")
@@ -77,13 +107,7 @@ def test_a_forged_handoff_gets_no_login_and_no_message(server_factory):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     user = victim.encode()
     payload = struct.pack(">2sB", b"H1", len(user)) + user
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as forger:
-        forger.sendmsg(
-            [payload],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
-            0,
-            socket_name(str(srv.data_dir), "handoff", 1),
-        )
+    _forge_handoff(socket_name(str(srv.data_dir), "handoff", 1), payload, theirs.fileno())
     theirs.close()
     # Refused: the worker closes the socket unread, so ours sees EOF and not one byte.
     got = _received_within(ours, 5.0)
@@ -132,17 +156,15 @@ def test_forged_route_send_frames_are_not_delivered(server_factory):
 
 
 def test_peer_auth_admits_siblings_only():
-    """The rule itself: a child of our parent passes (and is remembered); others do not."""
+    """The rule itself: a child of our parent passes; another uid or process does not."""
     from iris_fast.server.links import PeerAuth, parent_of
 
     auth = PeerAuth()
-    try:
-        me = os.getpid()
-        assert parent_of(me) == os.getppid()
-        assert auth.problem(me, os.geteuid()) is None  # we are a child of our parent
-        assert "uid" in (auth.problem(me, os.geteuid() + 1) or "")
-        assert "not a worker of this node" in (auth.problem(os.getppid(), os.geteuid()) or "")
-        assert auth.problem(0, os.geteuid()) is not None
-        assert auth.problem(me, os.geteuid()) is None  # the remembered path
-    finally:
-        auth.close()
+    me = os.getpid()
+    assert parent_of(me) == os.getppid()
+    assert auth.problem(me, os.geteuid()) is None  # we are a child of our parent
+    assert "uid" in (auth.problem(me, os.geteuid() + 1) or "")
+    assert "not a worker of this node" in (auth.problem(os.getppid(), os.geteuid()) or "")
+    assert auth.problem(0, os.geteuid()) is not None
+    auth.refuse("a test", 1, 2, "because")
+    assert auth.refused == 1
