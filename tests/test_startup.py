@@ -118,6 +118,39 @@ def test_http_port_closes_a_slowloris_request(server):
     assert closed, "a request trickled in byte by byte kept the HTTP connection open"
 
 
+def test_http_port_bounds_its_open_connections(server):
+    from iris_fast.server.http import MAX_HTTP_CONNECTIONS
+
+    held = []
+    try:
+        for _ in range(MAX_HTTP_CONNECTIONS + 8):
+            held.append(socket.create_connection(("127.0.0.1", server.http_port), timeout=5))
+        # The connections past the bound are answered 503 and closed at once, not held.
+        turned_away = 0
+        for s in held[MAX_HTTP_CONNECTIONS:]:
+            s.settimeout(5)
+            try:
+                data = s.recv(4096)
+            except TimeoutError:
+                continue
+            if data.startswith(b"HTTP/1.1 503 "):
+                turned_away += 1
+        assert turned_away == 8
+    finally:
+        for s in held:
+            s.close()
+    # Once they are gone the port serves again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert server.health()["status"] == "ok"
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_short_hs256_secret_is_refused_at_start(tmp_path):
     short = "x" * 31
     r = subprocess.run(
