@@ -73,8 +73,8 @@ def _forge_handoff(name: str, payload: bytes, fd: int) -> None:
     """Send ``payload`` with ``fd`` (SCM_RIGHTS) the way a sibling worker would.
 
     The hand-off socket is SOCK_SEQPACKET; before issue 10 it was a datagram socket, which a
-    seqpacket connect reports as EPROTOTYPE: then the datagram is sent instead, so that this
-    test shows the hole on the old code too.
+    seqpacket connect reports as ECONNREFUSED (or EPROTOTYPE): then the datagram is sent
+    instead, so that this test shows the hole on the old code too.
     """
     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
     forger = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
