@@ -7,6 +7,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+# Connections one source address may hold on a node (--max-conns-per-ip). A module constant
+# because the load generator sizes its default spread over source addresses from it.
+DEFAULT_MAX_CONNS_PER_IP = 20_000
+
 
 @dataclass(slots=True)
 class ServerConfig:
@@ -52,7 +56,7 @@ class ServerConfig:
     conn_rate_bytes: float = 8 << 20
     conn_rate_bytes_burst: int = 32 << 20
     # Resource bounds (docs/security.md has the list with what each one does when it fires).
-    max_conns_per_ip: int = 20_000
+    max_conns_per_ip: int = DEFAULT_MAX_CONNS_PER_IP
     mailbox_max_bytes: int = 64 << 20
     max_pending_writes: int = 256 << 20
     # Issue 10 (docs/architecture.md): bytes of SENDs forwarded to one other worker and not yet

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iris_fast.loadgen.plan import MAX_CONNS_PER_SOURCE_IP
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``load`` subcommand on an ``add_subparsers()`` object; return its parser."""
@@ -28,7 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--source-ips",
         type=int,
         default=None,
-        help="spread sockets over 127.0.0.1..127.0.0.K (default: <= 25,000 per address)",
+        help=(
+            "spread sockets over 127.0.0.1..127.0.0.K (default: <= "
+            f"{MAX_CONNS_PER_SOURCE_IP:,} per address, half the server's default limit)"
+        ),
     )
     p.add_argument(
         "--connect-rate", type=float, default=5000.0, help="new connections/s per process"

@@ -9,8 +9,14 @@ import resource
 import socket
 from dataclasses import dataclass
 
+from iris_fast.config import DEFAULT_MAX_CONNS_PER_IP
+
 MAX_CONNS_PER_PROC = 15_000
-MAX_CONNS_PER_SOURCE_IP = 25_000  # the ephemeral port range is ~28k ports per source address
+# Default spread over 127.0.0.x source addresses: half the server's default per-address limit.
+# That limit is per node but enforced per worker (split evenly), and SO_REUSEPORT hashing and
+# hand-offs spread one address's connections only roughly evenly, so half leaves room; it is
+# also well inside the ~28k ephemeral ports of one source address (docs/architecture.md).
+MAX_CONNS_PER_SOURCE_IP = DEFAULT_MAX_CONNS_PER_IP // 2
 CONNECT_PHASE_CAP_S = 120.0
 FD_HEADROOM = 64  # descriptors a worker needs besides its sockets (pipes, epoll, imports)
 
@@ -151,6 +157,13 @@ def make_plan(
             f"{per_proc} connections per process exceed the open-files limit {limit}; "
             f"use more --procs"
         )
+    if token_secret is not None:
+        from iris_fast.server.auth import check_secret
+
+        try:
+            check_secret(token_secret, "--token-secret")
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
     if user_prefix is None:
         user_prefix = f"load-{os.urandom(3).hex()}"
     if not user_prefix or "\x00" in user_prefix or len(user_prefix.encode()) > 240:

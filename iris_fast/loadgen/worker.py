@@ -10,6 +10,9 @@ hands everything to the parent at the end.
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
+import os
 import random
 import socket
 import ssl
@@ -147,11 +150,21 @@ class LoadConn(asyncio.Protocol):
         if out:
             self.transport.write(nat.encode_batch(out))  # type: ignore[union-attr]
 
+    def timed_out(self) -> None:
+        """No LOGIN_OK within CONNECT_TIMEOUT_S: fail the attempt and drop the socket."""
+        if not self.login.done():
+            self.login.set_exception(TimeoutError())
+            if self.transport is not None:
+                self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         was_up = self.logged_in and self.alive
         self.alive = False
         if not self.login.done():
-            self.login.set_exception(ConnectionError("closed before LOGIN_OK"))
+            # A refused or reset connect arrives here (the socket was still connecting).
+            self.login.set_exception(
+                exc if isinstance(exc, OSError) else ConnectionError("closed before LOGIN_OK")
+            )
         if was_up and not self.swarm.closing:
             # We never reconnect: a connection the server dropped is an error of the run.
             self.swarm.tally.disconnects += 1
@@ -178,6 +191,7 @@ class Swarm:
         self.connect_seconds = 0.0
         self.send_seconds = 0.0
         self.rng = random.Random()
+        self._server_addr = (plan.host, plan.port)
         self._tokens: dict[int, str] | None = None
         if plan.token_secret:
             from iris_fast.server.auth import mint_token
@@ -289,19 +303,28 @@ class Swarm:
 
     # -- phases ---------------------------------------------------------------------------
 
-    async def _connect_from(self, src: str) -> socket.socket:
-        """A socket connected from source address ``src``.
+    def _connect_from(self, src: str | None) -> socket.socket:
+        """A socket connecting (non-blocking) from source address ``src`` (None: any).
 
         IP_BIND_ADDRESS_NO_PORT lets the kernel choose the source port at connect time from
         the whole 4-tuple, instead of at bind time from ports free on ``src`` alone: without it
         binding slows from ~10 µs to several ms once ~14,000 ports of one address are taken.
+
+        A plain ``connect_ex``, not ``loop.sock_connect``: that one resolves the address again
+        through ``socket.getaddrinfo`` on every call (IDNA encoding, enum conversions), which
+        was a third of the load generator's CPU per connection. The socket goes to the
+        transport still connecting: a write before the handshake ends is queued by the kernel's
+        EAGAIN like any other, and a refused connect reaches the protocol as its error.
         """
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.setblocking(False)
-            sock.bind((src, 0))
-            await self.loop.sock_connect(sock, (self.plan.host, self.plan.port))
+            if src is not None:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((src, 0))
+            err = sock.connect_ex(self._server_addr)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
         except BaseException:
             sock.close()
             raise
@@ -320,21 +343,20 @@ class Swarm:
         t = self.tally
         for attempt in range(CONNECT_ATTEMPTS):
             conn = LoadConn(self, index)
+            # One timer per attempt (cheaper than asyncio.timeout()): it fails the login.
+            timer = self.loop.call_later(CONNECT_TIMEOUT_S, conn.timed_out)
             try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    tls = self._tls_context()
-                    hostname = self.plan.host if tls else None
-                    if src:
-                        sock = await self._connect_from(src)
-                        await self.loop.create_connection(
-                            lambda c=conn: c, sock=sock, ssl=tls, server_hostname=hostname
-                        )
-                    else:
-                        await self.loop.create_connection(
-                            lambda c=conn: c, self.plan.host, self.plan.port, ssl=tls,
-                            server_hostname=hostname,
-                        )  # fmt: skip
-                    await conn.login
+                tls = self._tls_context()
+                hostname = self.plan.host if tls else None
+                sock = self._connect_from(src)
+                try:
+                    await self.loop.create_connection(
+                        lambda c=conn: c, sock=sock, ssl=tls, server_hostname=hostname
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+                await conn.login
             except (OSError, TimeoutError, ConnectionError) as exc:
                 if conn.transport is not None:
                     conn.transport.abort()
@@ -352,6 +374,8 @@ class Swarm:
                 t.retry_reasons[_reason(exc)] += 1
                 await asyncio.sleep(pause)
                 continue
+            finally:
+                timer.cancel()
             t.conn_ok += 1
             self.conns.append(conn)
             return
@@ -452,7 +476,16 @@ class Swarm:
         pub = self.loop.create_task(self.publisher())
         try:
             self.publish(sh.PHASE_CONNECTING)
-            await self.connect_all()
+            # The cyclic GC kept re-walking every connection made so far: a sixth of the
+            # connect phase's CPU. Off while connecting (what it creates lives to the end), then
+            # one collection, and the survivors frozen out of later collections.
+            gc.disable()
+            try:
+                await self.connect_all()
+            finally:
+                gc.collect()
+                gc.freeze()
+                gc.enable()
             self.publish(sh.PHASE_READY)
             start_ns = await self.wait_go()
             if start_ns:

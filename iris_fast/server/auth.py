@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from iris_fast.config import ServerConfig
 
 ALGORITHMS = ["HS256"]  # of --auth-secret keys; public keys: see algorithm_for
+# RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits). A shorter
+# one can be brute-forced offline from a single captured token.
+MIN_SECRET_BYTES = 32
 EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 MIN_RSA_BITS = 2048
 KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -64,6 +67,16 @@ def split_kid(spec: str) -> tuple[str | None, str]:
     if KID.fullmatch(head) and rest.strip("="):
         return head, rest
     return None, spec
+
+
+def check_secret(secret: str, name: str) -> None:
+    """Refuse an HS256 secret shorter than ``MIN_SECRET_BYTES`` (ValueError naming ``name``)."""
+    size = len(secret.encode())
+    if size < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{name} is {size} bytes; an HS256 secret must be at least {MIN_SECRET_BYTES} bytes "
+            "(RFC 7518 section 3.2): use a random one, e.g. `openssl rand -base64 32`"
+        )
 
 
 def algorithm_for(key: Any) -> str:
@@ -169,6 +182,7 @@ class Authenticator:
             kid, secret = split_kid(spec)
             if not secret:
                 raise ValueError(f"--auth-secret #{i} is empty")
+            check_secret(secret, f"--auth-secret #{i}")
             keys.append(VerifyKey(kid, "HS256", secret, f"--auth-secret #{i}"))
         return cls(keys, **kw)
 
@@ -310,4 +324,5 @@ def mint_token(
         return jwt.encode(claims, private_key, algorithm_for(private_key), headers=headers)
     if not secret:
         raise ValueError("a secret (HS256) or a private key (RS256/ES256) is needed")
+    check_secret(secret, "the secret")  # no server would accept what it signs
     return jwt.encode(claims, secret, "HS256", headers=headers)

@@ -118,6 +118,10 @@ class _WorkerCollector:
                 "Hand-offs retried (home busy or restarting)",
                 s.handoff_retries,
             ),
+            "iris_local_peer_refused": (
+                "Local processes refused on the hand-off and worker-link sockets (not a sibling)",
+                s.local_peer_refused,
+            ),
             "iris_tls_relays": ("TLS sessions relayed to their home worker", s.tls_relays),
             "iris_rate_limited_user": ("SENDs refused by a user's rate limit", s.rate_limited_user),
             "iris_rate_limited_connection": (

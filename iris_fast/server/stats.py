@@ -45,6 +45,7 @@ class WorkerStats:
         "mailboxes_evicted",
         "expired",
         "live_ack_timeouts",
+        "local_peer_refused",
         "rejected_by_reason",
     )
 
@@ -81,6 +82,7 @@ class WorkerStats:
         self.mailboxes_evicted = 0
         self.expired = 0
         self.live_ack_timeouts = 0
+        self.local_peer_refused = 0
         self.rejected_by_reason: dict[str, int] = {}
 
     def rejected(self, reason: str) -> None:

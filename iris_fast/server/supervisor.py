@@ -29,6 +29,8 @@ log = logging.getLogger("iris_fast.supervisor")
 
 RESTART_BACKOFF_MAX_S = 5.0
 WORKER_QUERY_TIMEOUT_S = 2.0
+READY_POLL_S = 0.02
+READY_WARN_S = 30.0
 
 
 class Supervisor:
@@ -106,6 +108,33 @@ class Supervisor:
         texts = {i: a for i, a in answers.items() if a is not None}
         return merge_metrics(texts, {i: a is not None for i, a in answers.items()})
 
+    async def wait_ready(self) -> None:
+        """Return once every worker serves: its client port is bound (the private HTTP socket
+        that answers here is opened after it), it is not draining, and its links to all the
+        other workers are up, so a client can log in on any worker and message anyone.
+        """
+        want_links = self.config.workers - 1
+        waited_since = time.monotonic()
+        warned = False
+        while True:
+            answers = await self.gather("/health")
+            late = []
+            for index, text in answers.items():
+                try:
+                    health = json.loads(text) if text else None
+                except ValueError:
+                    health = None
+                if not isinstance(health, dict) or health.get("status") != "ok":
+                    late.append(index)
+                elif health.get("links_up", 0) < want_links:
+                    late.append(index)
+            if not late:
+                return
+            if not warned and time.monotonic() - waited_since > READY_WARN_S:
+                warned = True
+                log.warning("workers %s are not serving yet; still waiting", late)
+            await asyncio.sleep(READY_POLL_S)
+
     async def stop(self) -> int:
         """SIGTERM every worker and wait: each drains, stores pending deliveries and flushes."""
         self.stopping = True
@@ -146,6 +175,12 @@ async def _supervise(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # "ready" promises that clients can connect: wait for the workers to serve (or a stop).
+    ready = loop.create_task(sup.wait_ready())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
     log.info(
         "iris-fast %s node %s: %d workers on %s:%d, http %s:%d, data in %s",
         __version__,
@@ -157,8 +192,9 @@ async def _supervise(config: ServerConfig) -> int:
         config.http_port,
         config.data_dir,
     )
-    print(f"iris-fast ready on {config.host}:{config.port}", flush=True)
-    await stop.wait()
+    if ready.done() and not ready.cancelled():
+        print(f"iris-fast ready on {config.host}:{config.port}", flush=True)
+    await stopped
     log.info("stopping %d workers", config.workers)
     code = await sup.stop()
     for w in watchers:

@@ -25,7 +25,7 @@ from iris_fast.config import ServerConfig
 from iris_fast.connection import Connection, monotonic
 from iris_fast.replication.replicator import Replicator
 from iris_fast.server.http import HttpEndpoint, json_route
-from iris_fast.server.links import Handoff, Links, socket_name
+from iris_fast.server.links import Handoff, Links, PeerAuth, socket_name
 from iris_fast.server.metrics import NodeMetrics, rss_bytes
 from iris_fast.server.tls import server_context
 from iris_fast.server.worker import Worker
@@ -85,8 +85,10 @@ async def run_worker(config: ServerConfig) -> int:
         worker.repl = repl
     links = handoff = None
     if config.workers > 1:
-        links = Links(worker, config.data_dir, config.worker_index, config.workers)
-        handoff = Handoff(config.data_dir, config.worker_index, worker.adopt)
+        # One check of who may use our hand-off and link sockets, for both (links.PeerAuth).
+        peers = PeerAuth(worker.stats)
+        links = Links(worker, config.data_dir, config.worker_index, config.workers, peers)
+        handoff = Handoff(config.data_dir, config.worker_index, worker.adopt, peers)
         worker.links, worker.handoff = links, handoff
         await links.start()
         handoff.start()
