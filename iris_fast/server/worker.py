@@ -370,7 +370,7 @@ class Worker:
             self.reads_paused = False
             log.info("pending writes down to %d bytes; reading again", pending)
             for c in self.connections:
-                if c not in self._paused_senders and not self._link_held(c):
+                if self._may_read(c):
                     c.resume_reading()
 
     def on_writable(self, conn: Connection) -> None:
@@ -707,13 +707,24 @@ class Worker:
             paused = self._link_paused.pop(peer)
             log.info("worker %d answered; %d bytes wait now; reading again", peer, nbytes)
             for c in paused:
-                if not self.reads_paused and c not in self._paused_senders:
-                    if not self._link_held(c):
-                        c.resume_reading()
+                if self._may_read(c):
+                    c.resume_reading()
 
     def _link_held(self, conn: Connection) -> bool:
         """Whether ``conn`` is paused for some worker link's bound."""
         return any(conn in paused for paused in self._link_paused.values())
+
+    def _may_read(self, conn: Connection) -> bool:
+        """Whether no reason to keep ``conn``'s reads paused is left. Three bounds pause reads
+        (write pressure for the whole worker, the storage queue, a worker link), each lifted on
+        its own schedule: a connection reads again only once every one of them lets it, and
+        never while its socket waits to be handed to its home worker."""
+        return (
+            not self.reads_paused
+            and conn not in self._paused_senders
+            and not conn.handoff_pending
+            and not (self._link_paused and self._link_held(conn))
+        )
 
     def link_queued_bytes(self) -> int:
         """Bytes written to worker links that the kernel has not taken yet (a metric)."""
@@ -1166,12 +1177,19 @@ class Worker:
                 replicated(0)
             if user in self.sessions:
                 self._schedule_pump(user)
-            if self._paused_senders and self.store.queued < STORE_LOW_WATER:
-                for c in self._paused_senders:
-                    c.resume_reading()
-                self._paused_senders.clear()
+            self._resume_store_paused()
 
         return stored
+
+    def _resume_store_paused(self) -> None:
+        """Read again from senders paused for the storage queue once it is below low water.
+        Called after each stored put and from the housekeeping tick: the queue can drain
+        through operations that have no callback (deletions, dedup entries)."""
+        if self._paused_senders and self.store.queued < STORE_LOW_WATER:
+            paused, self._paused_senders = self._paused_senders, set()
+            for c in paused:
+                if self._may_read(c):
+                    c.resume_reading()
 
     def _deleted_cb(self, user: str, seq: int) -> Callable[[], None]:
         def deleted() -> None:
@@ -1403,6 +1421,9 @@ class Worker:
                 # (A deletion of ours still queued was counted when it was queued.)
                 mb.bytes = max(mb.bytes - _average(mb), 0)
                 mb.count = max(mb.count - 1, 0)
+                if mb.acks:
+                    # Gone for every device: a device leaving later must not delete it again.
+                    mb.acks.pop(seq, None)
                 self._gone_by_peer(user, seq)
                 if mb.idle() and user not in self.sessions:
                     del self.mailboxes[user]
@@ -1446,6 +1467,7 @@ class Worker:
             self.fatal(conn, P.E_LOGIN_TIMEOUT, f"no LOGIN within {timeout:g} s")
         if self.login_limiter is not None:
             self.login_limiter.prune()
+        self._resume_store_paused()
         if self.reads_paused and now - self._reads_paused_at > WRITE_STALL_S:
             self._check_write_pressure()
             if self.reads_paused and self._write_paused:
