@@ -167,3 +167,44 @@ def test_seq_carries_the_node_tag_and_follows_the_peers(tmp_path):
     s1, peer, s2 = asyncio.run(run())
     assert s1 & 0xFF == seq_tag("node-a") and s2 & 0xFF == seq_tag("node-a")
     assert s2 > peer > s1
+
+
+def test_a_failing_disk_is_retried_at_its_pace_and_held_work_counts_as_queued(tmp_path):
+    """While commits fail, new work must neither hurry the retries (each operation notifies the
+    writer) nor vanish from ``queued``, the back-pressure signal."""
+    import lmdb
+
+    from iris_fast.storage import mailbox as M
+
+    async def run() -> tuple[int, int, int, list[int]]:
+        loop = asyncio.get_running_loop()
+        store = MailboxStore(str(tmp_path), loop)
+        real_apply = store._apply_growing
+        failing = True
+
+        def apply(ops):
+            if failing:
+                raise lmdb.DiskError("No space left on device (simulated)")
+            real_apply(ops)
+
+        store._apply_growing = apply
+        done: list[int] = []
+        store.put("u", store.next_seq(), "s", "m0", 1, b"x", None, lambda: done.append(0))
+        started = loop.time()
+        n = 1
+        while loop.time() - started < 10 * M.RETRY_S:  # bounded: about 2 s of new work
+            store.put_dedup(bytes(16), 1, 0, lambda i=n: done.append(i))  # each one notifies
+            n += 1
+            await asyncio.sleep(0.01)
+        failures, queued = store.commit_failures, store.queued
+        failing = False
+        finished = asyncio.Event()
+        store.barrier(finished.set)
+        await asyncio.wait_for(finished.wait(), 10)
+        store.close()
+        return failures, queued, n, done
+
+    failures, queued, n, done = asyncio.run(run())
+    assert failures <= 10 + 4, f"{failures} attempts in 10 retry pauses"
+    assert queued >= n - 5, f"only {queued} of {n} held operations counted as queued"
+    assert done == list(range(n)), "every held operation completes, in order, once space is back"

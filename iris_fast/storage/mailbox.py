@@ -126,6 +126,9 @@ class MailboxStore:
         # on the loop: new messages are refused with E_STORAGE_UNAVAILABLE meanwhile).
         self.unavailable: str | None = None
         self.commit_failures = 0
+        # Operations of a batch whose commit failed, held by the writer for its next attempt
+        # (written by the writer thread, read on the loop: they count in ``queued``).
+        self._held = 0
         self.stale_readers_cleared = 0
         # Durability mode (docs/architecture.md, "Issue 10: storage durability"): metasync=False
         # alone, which LMDB documents as keeping the database intact on a system crash (every
@@ -442,7 +445,7 @@ class MailboxStore:
     @property
     def queued(self) -> int:
         """Operations waiting for the writer (back-pressure signal)."""
-        return len(self._ops) + len(self._batch)
+        return len(self._ops) + len(self._batch) + self._held
 
     def _enqueue(
         self,
@@ -505,7 +508,14 @@ class MailboxStore:
         while True:
             with self._lock:
                 if ops or callbacks:
-                    self._lock.wait(RETRY_S)
+                    # After a failed commit: the whole pause, even if work keeps arriving (each
+                    # new operation notifies), so a full disk is tried 1/RETRY_S times a second.
+                    deadline = time.monotonic() + RETRY_S
+                    while not self._closing:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._lock.wait(left)
                 else:
                     while not self._ops and not self._callbacks and not self._closing:
                         self._lock.wait()
@@ -532,6 +542,7 @@ class MailboxStore:
                 # visible. The data pages it wrote went to free pages, so trying again is safe.
                 failures += 1
                 self.commit_failures += 1
+                self._held = len(ops)
                 if self.unavailable is None:
                     log.error(
                         "LMDB commit of %d operations failed (%s); refusing new messages and "
@@ -555,6 +566,7 @@ class MailboxStore:
                     # succeed without writing them. Only a restart (re-reading the file) is safe.
                     log.exception("LMDB fsync failed; stopping the worker")
                     os._exit(70)
+            self._held = 0
             if self.unavailable is not None:
                 log.warning("LMDB commits succeed again after %d failed attempts", failures)
                 self.unavailable = None
