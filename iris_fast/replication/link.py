@@ -65,6 +65,17 @@ class ReplLink(BatchedSender, asyncio.Protocol):
                 return
             self.owner.on_frame(self, f)
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except ValueError as exc:
+            # A frame that cannot be encoded would leave the peer's ACKs missing while
+            # heartbeats keep the link up: close it, the next HELLO resends from the peer's LSN.
+            log.error("replication link to %s: cannot encode a frame (%s); closing it",
+                      self.peername(), exc)  # fmt: skip
+            self._out = None
+            self.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._out = None

@@ -255,8 +255,13 @@ class OriginStream:
             if unsent and unsent[0][0] == first:
                 batch = []
                 nxt = first
-                while unsent and unsent[0][0] == nxt and len(batch) < BATCH_RECORDS:
-                    batch.append(unsent.popleft()[1])
+                size = 0
+                # Bounded in bytes too: one group commit of large messages can exceed a frame.
+                while (unsent and unsent[0][0] == nxt and len(batch) < BATCH_RECORDS
+                       and size < BATCH_BYTES):  # fmt: skip
+                    rec = unsent.popleft()[1]
+                    batch.append(rec)
+                    size += record_size(rec)
                     nxt += 1
             else:
                 upto = unsent[0][0] - 1 if unsent else self.committed
@@ -320,6 +325,15 @@ class OriginStream:
                 return False
             await asyncio.sleep(0.01)
         return self.acked >= self.committed
+
+
+def record_size(rec: tuple) -> int:
+    """An upper bound of a record's encoded size (str8 fields count at most 255 bytes)."""
+    if rec[0] == N.REC_PUT:
+        return len(rec[6]) + 3 * 256 + 21
+    if rec[0] == N.REC_DEL:
+        return 256 + 9
+    return 25
 
 
 def peer_problem(own_node: str, own_workers: int, version: int, node: str, workers: int

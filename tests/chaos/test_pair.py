@@ -207,3 +207,41 @@ def test_a_crashed_worker_rejoins_the_pair_and_catches_up(pair):
         assert r.recv(timeout=10).body == b"while a's worker 1 was down"
         r.close()
     s.close()
+
+
+def test_a_group_commit_over_16_mib_replicates_and_is_acked(pair_factory):
+    """300 SENDs of 60 KB land in one group commit of 18 MB, above one replication frame's
+    16 MiB: the origin splits the commit by bytes, every SEND is ACKed without the degraded
+    flag, and every message is on the peer. To make it one commit, the worker is stopped
+    (SIGSTOP) while 300 clients each write one SEND, so its next loop tick reads all of them."""
+    import os
+    import signal
+
+    # A peer timeout well above the stop, so the link stays up (no catch-up path involved).
+    pair = pair_factory(1, "--peer-timeout", "10")
+    bodies = [bytes([i % 251]) * 60_000 for i in range(300)]
+    clients = []
+    for i in range(300):
+        c = RawClient(pair.a.addr, timeout=30)
+        c.login(f"big-s{i}")
+        clients.append(c)
+    worker = pair.a.health()["workers"][0]["pid"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for i, c in enumerate(clients):
+            c.send((N.SEND, f"big-{i}", "big-rcpt", bodies[i]))
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    for i, c in enumerate(clients):
+        assert c.expect(N.ACK, timeout=30) == (N.ACK, f"big-{i}", N.ACK_STORED), i
+        c.sock.close()
+    m = pair.a.metrics()
+    assert m["iris_repl_records_sent_total"] >= 300
+    # More than one frame per 16 MiB: the commit went out in several REPL_APPENDs.
+    assert m["iris_repl_appends_sent_total"] >= 2
+    assert "exceeds max_frame" not in pair.a.full_log()
+    r = IrisClient(*pair.b.addr, timeout=30)
+    r.login("big-rcpt")
+    got = {r.recv(timeout=30).body for _ in range(300)}
+    assert got == set(bodies)
+    r.close()
