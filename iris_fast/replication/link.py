@@ -76,6 +76,12 @@ class ReplLink(BatchedSender, asyncio.Protocol):
             self._out = None
             self.close()
 
+    def resume_writing(self) -> None:
+        # The socket drained: an origin sending a full copy sends its next chunks.
+        pump = getattr(self.owner, "pump", None)
+        if pump is not None and self.ready:
+            pump()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._out = None

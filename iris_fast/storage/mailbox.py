@@ -9,7 +9,10 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
   pruning the window is a range delete from the front and reloading it is one scan.
 * ``meta``:  ``seq_hwm:<worker>`` -> the highest ``seq`` handed out, so the counter survives
   restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
-  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here.
+  replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here;
+  ``epoch:<worker>`` -> the random identity of this worker's stream (created with the data
+  directory, renewed when its LSNs cannot be trusted); ``applied_epoch:<worker>`` -> the epoch
+  of the peer's stream that ``applied`` counts in (docs/replication.md, "Stream identity").
 * ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
   encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
   mailbox change it describes and trimmed once the peer has acknowledged it
@@ -63,6 +66,11 @@ _LOG_MAX_FRAME = 1 << 24
 def seq_tag(node_id: str) -> int:
     """The low byte of every ``seq`` a node hands out (docs/replication.md, "Sequence numbers")."""
     return zlib.crc32(node_id.encode()) & 0xFF
+
+
+def new_epoch() -> int:
+    """A random, non-zero stream identity (0 means "none")."""
+    return int.from_bytes(os.urandom(8), "big") or 1
 
 
 def mailbox_key(user: str, seq: int) -> bytes:
@@ -126,12 +134,15 @@ class MailboxStore:
         self._hwm_key = _SEQ_HWM + b":%d" % writer_id
         self._lsn_key = b"lsn:%d" % writer_id
         self._applied_key = b"applied:%d" % writer_id
+        self._applied_epoch_key = b"applied_epoch:%d" % writer_id
+        self._epoch_key = b"epoch:%d" % writer_id
         self._tag = seq_tag(node_id)
         # Replication log (docs/replication.md): every mailbox change gets the next LSN of this
         # worker's stream and is written to rlog in the same transaction as the change.
         self.replicated = replicated
         self.lsn = self._load_u64(self._lsn_key)
         self.applied = self._load_u64(self._applied_key)
+        self.applied_epoch = self._load_u64(self._applied_epoch_key)
         self._batch_records: list[LoggedRecord] = []
         # Called on the loop with the records of each committed batch, in LSN order.
         self.on_logged: Callable[[list[LoggedRecord]], None] | None = None
@@ -169,6 +180,29 @@ class MailboxStore:
         with self.env.begin(db=self._meta) as txn:
             raw = txn.get(key)
         return _SEQ.unpack(raw)[0] if raw else 0
+
+    def stream_epoch(self) -> int:
+        """This worker's stream identity, created (and made durable) on first use."""
+        epoch = self._load_u64(self._epoch_key)
+        if not epoch:
+            epoch = new_epoch()
+            with self.env.begin(write=True, db=self._meta) as txn:
+                txn.put(self._epoch_key, _SEQ.pack(epoch))
+            self.env.sync(True)
+        return epoch
+
+    def renew_epoch(self) -> int:
+        """A new stream identity (queued, durable with the next batch): our LSNs so far may
+        name other records on the peer than in our log."""
+        epoch = new_epoch()
+        self._enqueue(("meta", [(self._epoch_key, _SEQ.pack(epoch))]), None, durable=True)
+        return epoch
+
+    def set_applied(self, lsn: int, epoch: int, done: Callable[[], None]) -> None:
+        """Record durably that the peer's stream ``epoch`` is applied up to ``lsn`` (the end of
+        a full copy); ``done`` runs on the loop once durable."""
+        pairs = [(self._applied_key, _SEQ.pack(lsn)), (self._applied_epoch_key, _SEQ.pack(epoch))]
+        self._enqueue(("meta", pairs), done, durable=True)
 
     def next_seq(self) -> int:
         """A strictly increasing sequence number for a new message, tagged with this node."""
@@ -307,6 +341,50 @@ class MailboxStore:
         dec = N.Decoder(_LOG_MAX_FRAME, repl=True)
         return [(f[2], f[3][0]) for f in dec.feed(b"".join(chunks))]
 
+    def read_snapshot(
+        self, after: bytes, want: Callable[[str], bool], limit: int, max_bytes: int
+    ) -> tuple[list[Record], bytes | None]:
+        """Committed messages of the users ``want`` accepts, as PUT records, in key order from
+        just after key ``after`` (b"": the start); returns them and the key to continue after
+        (None: done). One read transaction per call: a full copy is not one snapshot, which is
+        fine because the log after it replays every later change, and replaying is idempotent."""
+        out: list[Record] = []
+        size = 0
+        with self.env.begin(db=self._msgs, buffers=False) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(after + b"\x00" if after else b""):
+                return out, None
+            while True:
+                key = cur.key()
+                cut = len(key) - 9  # user | 0x00 | seq u64
+                user = key[:cut].decode()
+                if not want(user):
+                    # Skip the whole mailbox: the next key after "user\x00<every seq>".
+                    if not cur.set_range(key[: cut + 1] + b"\xff" * 9):
+                        return out, None
+                    continue
+                sender, msg_id, ts, body = decode_value(cur.value())
+                out.append((N.REC_PUT, user, _SEQ.unpack_from(key, cut + 1)[0], ts, sender,
+                            msg_id, body))  # fmt: skip
+                size += len(body) + len(key) + 64
+                if len(out) >= limit or size >= max_bytes:
+                    return out, key
+                if not cur.next():
+                    return out, None
+
+    def read_dedup_snapshot(self, after: bytes, limit: int) -> tuple[list[Record], bytes | None]:
+        """Persisted dedup entries from just after key ``after``, as DEDUP records."""
+        out: list[Record] = []
+        with self.env.begin(db=self._dedup) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(after + b"\x00" if after else b""):
+                return out, None
+            for key in cur.iternext(keys=True, values=False):
+                out.append((N.REC_DEDUP, key[8:24], _TS.unpack_from(key, 0)[0]))
+                if len(out) >= limit:
+                    return out, key
+        return out, None
+
     def log_first(self) -> int:
         """LSN of the oldest record still in the log (0 if empty)."""
         with self.env.begin(db=self._rlog) as txn:
@@ -431,6 +509,10 @@ class MailboxStore:
                 elif kind == "apply":
                     op[3][:] = [self._apply_record(txn, rec) for rec in op[1]]
                     txn.put(self._applied_key, _SEQ.pack(op[2]), db=self._meta)
+                    continue
+                elif kind == "meta":
+                    for key, value in op[1]:
+                        txn.put(key, value, db=self._meta)
                     continue
                 elif kind == "trim":
                     cur = txn.cursor(db=rlog)
