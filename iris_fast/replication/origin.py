@@ -152,6 +152,7 @@ class OriginStream:
                 elif lsn == self.snapshot_lsn and self._snap_phase == 3:
                     self._snapshot_done()
         elif t == N.REPL_HEARTBEAT:
+            self.store.observe_clock_ms(f[1])
             for stream, lsn in f[2]:
                 if stream == self.index:
                     self.peer_applied = lsn
@@ -419,7 +420,7 @@ class OriginStream:
         if self.snapshot_lsn is not None and self._snap_phase < 3:
             self.pump()  # in case the socket drained without telling us
         if beat and self.link is not None:
-            self.link.send((N.REPL_HEARTBEAT, int(time.time() * 1000),
+            self.link.send((N.REPL_HEARTBEAT, self.store.seq_clock_ms(),
                             [(self.index, self.committed)]))  # fmt: skip
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ resume).
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import iris_native as N
@@ -96,6 +95,7 @@ class ReplicaStream:
         if t == N.REPL_APPEND:
             self._on_append(link, f[1], f[2], f[3])
         elif t == N.REPL_HEARTBEAT:
+            self.repl.store.observe_clock_ms(f[1])
             for stream, lsn in f[2]:
                 if stream == self.index:
                     self.peer_last = max(self.peer_last, lsn)
@@ -131,6 +131,11 @@ class ReplicaStream:
             return
         if first <= self.received:
             records = records[self.received - first + 1 :]
+        store = self.repl.store
+        for rec in records:
+            if rec[0] == N.REC_PUT:
+                # Even a PUT the worker drops as a duplicate is a seq the peer issued.
+                store.observe_seq(rec[2])
         self.received = last
         self.peer_last = max(self.peer_last, last)
         epoch = self.epoch
@@ -214,7 +219,8 @@ class ReplicaStream:
             link.close()
             return
         if beat:
-            link.send((N.REPL_HEARTBEAT, int(time.time() * 1000), [(self.index, self.applied)]))
+            link.send((N.REPL_HEARTBEAT, self.repl.store.seq_clock_ms(),
+                       [(self.index, self.applied)]))  # fmt: skip
 
     def close(self) -> None:
         if self.link is not None:

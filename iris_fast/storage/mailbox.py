@@ -62,6 +62,14 @@ LoggedRecord = tuple[int, Record]
 
 _LOG_MAX_FRAME = 1 << 24
 
+# For tests only: shifts the clock that seeds sequence numbers, to play a node whose clock lags.
+_CLOCK_OFFSET_US = int(float(os.environ.get("IRIS_TEST_CLOCK_OFFSET_S", "0")) * 1_000_000)
+
+
+def clock_us() -> int:
+    """The wall clock in microseconds, as sequence numbers see it."""
+    return int(time.time() * 1_000_000) + _CLOCK_OFFSET_US
+
 
 def seq_tag(node_id: str) -> int:
     """The low byte of every ``seq`` a node hands out (docs/replication.md, "Sequence numbers")."""
@@ -174,7 +182,7 @@ class MailboxStore:
                     stored = max(stored, _SEQ.unpack(raw)[0])
         # Microseconds since the epoch as a floor keeps seqs growing across restarts even if the
         # hwm write of the last batch was lost; the stored hwm covers a clock that stepped back.
-        return max(stored, int(time.time() * 1_000_000) << 8)
+        return max(stored, clock_us() << 8)
 
     def _load_u64(self, key: bytes) -> int:
         with self.env.begin(db=self._meta) as txn:
@@ -205,9 +213,24 @@ class MailboxStore:
         self._enqueue(("meta", pairs), done, durable=True)
 
     def next_seq(self) -> int:
-        """A strictly increasing sequence number for a new message, tagged with this node."""
-        self.seq_hwm = (((self.seq_hwm >> 8) + 1) << 8) | self._tag
+        """A strictly increasing sequence number for a new message, tagged with this node.
+        The counter never goes below anything either node of the pair issued that we know of
+        (observe_seq, observe_clock_ms); the clock is only a floor."""
+        self.seq_hwm = (max((self.seq_hwm >> 8) + 1, clock_us()) << 8) | self._tag
         return self.seq_hwm
+
+    def seq_clock_ms(self) -> int:
+        """Our sequence clock for the peer (REPL_HEARTBEAT.ts_ms): in ms, rounded up, at least
+        the counter of every seq we issued or observed and at least the wall clock."""
+        return max(self.seq_hwm >> 8, clock_us()) // 1000 + 1
+
+    def observe_clock_ms(self, ts_ms: int) -> None:
+        """The peer's sequence clock: every seq it issued so far is below it, including those
+        of messages we never saw (delivered live there, or written while its stream to us was
+        cut). A value that would overflow a seq is ignored."""
+        floor = ts_ms * 1000
+        if floor < 1 << 56 and floor << 8 > self.seq_hwm:
+            self.seq_hwm = floor << 8
 
     def observe_seq(self, seq: int) -> None:
         """A seq the peer handed out: ours continue above it, so per-pair order survives a

@@ -137,3 +137,35 @@ def test_a_peer_claiming_more_than_we_have_gets_no_trim(pair):
     for user, bodies in want.items():
         assert [m.body for m in receive_exactly(pair.b.addr, user, len(bodies))] == bodies
     assert "new stream epoch" in pair.a.full_log()
+
+
+def test_seq_order_survives_a_failover_to_a_node_whose_clock_lags(pair_factory):
+    """b's clock is an hour behind a's. A sender writes m1 through a while a's stream to b is
+    cut (b has not seen m1), then m2 through b. b must not number m2 below m1: it knows a's
+    sequence clock from the heartbeats of the link that is still up, and its own counter never
+    goes below what either node issued. Once healed, the recipient gets m1 then m2."""
+    pair = pair_factory(2, start=False)
+    pair.b.env["IRIS_TEST_CLOCK_OFFSET_S"] = "-3600"
+    pair.start()
+    pair.ab.blackhole()  # a's stream to b only; b's stream to a (and its heartbeats) stay up
+    wait_for(lambda: pair.a.health()["degraded"], what="a's stream cut")
+    s = RawClient(pair.a.addr)
+    s.login("mover")
+    s.send((N.SEND, "m1", "rcpt", b"first"))
+    assert s.expect(N.ACK)[2] & N.ACK_DEGRADED
+    s.sock.close()
+    time.sleep(1.5)  # several heartbeats (every 0.25 s) from a reach b
+    s = RawClient(pair.b.addr)
+    s.login("mover")
+    s.send((N.SEND, "m2", "rcpt", b"second"))
+    assert s.expect(N.ACK)[2] & N.ACK_STORED
+    s.sock.close()
+    pair.ab.heal()
+    pair.wait_paired()
+    wait_lag_zero(pair.a, pair.b)
+    for node in (pair.b, pair.a):
+        r = RawClient(node.addr)
+        r.login("rcpt")
+        got = r.collect(N.DELIVER, 2)
+        assert [d[5] for d in got] == [b"first", b"second"], node.node_id
+        r.sock.close()
