@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 # One REPL_APPEND carries a whole group commit, or a catch-up chunk.
 REPL_MAX_FRAME = 1 << 24
+# What a link may send before its HELLO is handled: a HELLO of ours is under 300 bytes. Beyond
+# this, an unknown party would make us buffer up to REPL_MAX_FRAME per connection.
+PRE_HELLO_MAX = 64 << 10
 
 
 class LinkOwner(Protocol):
@@ -38,6 +41,7 @@ class ReplLink(BatchedSender, asyncio.Protocol):
         self.ready = False  # HELLOs exchanged
         # Bytes received before the HELLO was handled: they travel with a hand-off.
         self.raw: bytearray | None = bytearray() if keep_raw else None
+        self._pre_hello = 0
         self._preamble = preamble
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,6 +58,17 @@ class ReplLink(BatchedSender, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        if not self.ready:
+            self._pre_hello += len(data)
+            if self._pre_hello > PRE_HELLO_MAX:
+                problem = f"{self._pre_hello} bytes before its REPL_HELLO (at most {PRE_HELLO_MAX})"
+                refuse = getattr(self.owner, "refuse", None)
+                if refuse is not None:
+                    refuse(self, problem)  # logged and counted by the listener
+                else:
+                    log.error("replication link to %s: %s; closing", self.peername(), problem)
+                self.close()
+                return
         if self.raw is not None:
             self.raw += data
         for f in self.decoder.feed(data):

@@ -171,6 +171,7 @@ class OriginStream:
             self.repl.refuse(link, problem)
             return
         self._pending = None
+        self.repl.peer_seen(node)
         applied = entries[0][1]
         if epoch == self.epoch and applied > self.committed:
             # Its LSNs beyond ours name records we no longer have (we lost commits, or run on an

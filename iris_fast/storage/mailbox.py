@@ -12,7 +12,8 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
   replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here;
   ``epoch:<worker>`` -> the random identity of this worker's stream (created with the data
   directory, renewed when its LSNs cannot be trusted); ``applied_epoch:<worker>`` -> the epoch
-  of the peer's stream that ``applied`` counts in (docs/replication.md, "Stream identity").
+  of the peer's stream that ``applied`` counts in (docs/replication.md, "Stream identity");
+  ``peer_node`` -> the node id of the peer this data directory replicates with.
 * ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
   encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
   mailbox change it describes and trimmed once the peer has acknowledged it
@@ -205,6 +206,14 @@ class MailboxStore:
         epoch = new_epoch()
         self._enqueue(("meta", [(self._epoch_key, _SEQ.pack(epoch))]), None, durable=True)
         return epoch
+
+    def load_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin(db=self._meta) as txn:
+            return txn.get(key)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        """Queue a ``meta`` entry, durable with the next batch."""
+        self._enqueue(("meta", [(key, value)]), None, durable=True)
 
     def set_applied(self, lsn: int, epoch: int, done: Callable[[], None]) -> None:
         """Record durably that the peer's stream ``epoch`` is applied up to ``lsn`` (the end of
