@@ -42,7 +42,7 @@ def only_error(data: bytes) -> tuple:
 
 def test_constants() -> None:
     assert (n.REPL_HELLO, n.REPL_APPEND, n.REPL_ACK, n.REPL_HEARTBEAT) == (0x61, 0x62, 0x63, 0x64)
-    assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 1)
+    assert (n.REC_PUT, n.REC_DEL, n.REC_DEDUP, n.REPL_VERSION) == (1, 2, 3, 2)
     assert n.HELLO_SPLIT == 1
 
 

@@ -13,7 +13,7 @@ pub const REPL_ACK: u8 = 0x63;
 pub const REPL_HEARTBEAT: u8 = 0x64;
 
 /// Replication protocol version carried by `REPL_HELLO`.
-pub const REPL_VERSION: u8 = 1;
+pub const REPL_VERSION: u8 = 2;
 
 /// `REPL_HELLO.flags` bit 0: the sending node accepted writes in degraded
 /// mode since its last healthy link. Other bits are reserved and ignored by
@@ -640,7 +640,7 @@ mod tests {
             (REPL_HELLO, REPL_APPEND, REPL_ACK, REPL_HEARTBEAT),
             (0x61, 0x62, 0x63, 0x64)
         );
-        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 1));
+        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 2));
         assert_eq!(HELLO_SPLIT, 1);
         assert!((0..=255u8).filter(|t| is_repl_type(*t)).eq(0x61..=0x64));
         assert!(std::mem::size_of::<Decoder>() <= 32);
