@@ -108,7 +108,9 @@ def test_hello_workers_and_flags_roundtrip(workers: int, flags: int) -> None:
     frame = (n.REPL_HELLO, n.REPL_VERSION, "node-b", 7, workers, flags, [(1, 2)])
     data = n.encode(frame)
     # workers u16 and flags u8 sit right after epoch u64.
-    assert data[5:] == b"\x01\x06node-b" + struct.pack(">QHBHHQ", 7, workers, flags, 1, 1, 2)
+    assert data[5:] == bytes([n.REPL_VERSION]) + b"\x06node-b" + struct.pack(
+        ">QHBHHQ", 7, workers, flags, 1, 1, 2
+    )
     # Reserved flag bits are carried through unchanged; interpreting them is up to the receiver.
     [(_, _, _, _, got_workers, got_flags, lsns)] = decode(data)
     assert (got_workers, got_flags, lsns) == (workers, flags, [(1, 2)])
