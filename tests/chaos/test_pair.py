@@ -161,8 +161,8 @@ def test_a_misconfigured_peer_is_refused_with_a_reason(server_factory, tmp_path)
         (b"\x00\x00\x00\x05GET /", "bad frame"),
         (N.encode((N.REPL_ACK, 0, 5)), "first frame must be REPL_HELLO"),
         (N.encode((N.REPL_HELLO, 9, "x", 1, 2, 0, [(0, 0)])), "protocol version 9"),
-        (N.encode((N.REPL_HELLO, 1, "b", 1, 2, 0, [(0, 0)])), "has our node id"),
-        (N.encode((N.REPL_HELLO, 1, "zz", 1, 2, 0, [(7, 0)])), "expected one of 0..1"),
+        (N.encode((N.REPL_HELLO, N.REPL_VERSION, "b", 1, 2, 0, [(0, 0)])), "has our node id"),
+        (N.encode((N.REPL_HELLO, N.REPL_VERSION, "zz", 1, 2, 0, [(7, 0)])), "expected one of 0..1"),
         (b"\xff\xff\xff\xff", "bad frame"),
     ],
 )

@@ -130,3 +130,4 @@ def test_an_ack_beyond_what_was_sent_closes_the_link(server_factory):
         assert closed_within(conn, 10), "the origin kept a link that acknowledged the future"
     fake.close()
     wait_for(lambda: "beyond the" in a.full_log(), what="reason logged")
+    assert a.metrics()["iris_repl_bad_acks_total"] == 1

@@ -65,6 +65,8 @@ def test_a_wiped_node_gets_a_full_copy_of_its_peer(pair):
     pair.b.start(accept=("ok", "degraded"))
     pair.wait_paired()
     assert "full copy" in pair.a.full_log()
+    assert pair.a.metrics()["iris_repl_full_copies_sent_total"] >= 2  # one per stream
+    assert pair.b.metrics()["iris_repl_full_copies_applied_total"] >= 2
     # The dedup entries came with the copy: a resend to b of a message a stored is recognised.
     s = RawClient(pair.b.addr)
     s.login("alice")
