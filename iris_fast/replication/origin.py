@@ -201,6 +201,7 @@ class OriginStream:
             self._snap_phase = 0
             self._snap_after = b""
             self._snap_started = time.monotonic()
+            self.snapshot_records = 0
             self.catching_up = True
             log.warning(
                 "replication stream %d: sending peer %s a full copy at LSN %d: %s",
@@ -349,7 +350,8 @@ class OriginStream:
         if self.link is None:
             self.wrote_while_apart = True
             return
-        if len(self.unsent) < UNSENT_CAP:
+        if len(self.unsent) < UNSENT_CAP and self.snapshot_lsn is None:
+            # (During a full copy they wait in the log: a copy can take long.)
             self.unsent.extend(records)
         self.pump()
 

@@ -61,7 +61,8 @@ class ReplicaStream:
             log.info("replication: peer %s reconnected stream %d; dropping the old link",
                      node, self.index)  # fmt: skip
             old.close()
-        self.peer_last = max(entries[0][1], self.peer_last)
+        # Not max(): after a new epoch the peer's LSNs may have gone back.
+        self.peer_last = entries[0][1]
         self.link_epoch = epoch
         self._snap_lsn = None
         self._snap_pending = 0
