@@ -14,8 +14,9 @@ from iris_fast.server.batching import BatchedSender
 
 log = logging.getLogger(__name__)
 
-# One REPL_APPEND carries a whole group commit, or a catch-up chunk.
-REPL_MAX_FRAME = 1 << 24
+# One REPL_APPEND carries a group commit or a catch-up chunk of up to 4 MiB, or one record
+# alone: a PUT of the largest client frame (16 MiB) plus its sender, seq and ts, hence the 64 KiB.
+REPL_MAX_FRAME = (1 << 24) + (1 << 16)
 # What a link may send before its HELLO is handled: a HELLO of ours is under 300 bytes. Beyond
 # this, an unknown party would make us buffer up to REPL_MAX_FRAME per connection.
 PRE_HELLO_MAX = 64 << 10

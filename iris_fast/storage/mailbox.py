@@ -61,7 +61,8 @@ StoredMessage = tuple[int, str, str, int, bytes]
 Record = tuple[Any, ...]
 LoggedRecord = tuple[int, Record]
 
-_LOG_MAX_FRAME = 1 << 24
+# A logged record is a one-record REPL_APPEND (same limit as replication links: link.py).
+_LOG_MAX_FRAME = (1 << 24) + (1 << 16)
 
 # For tests only: shifts the clock that seeds sequence numbers, to play a node whose clock lags.
 _CLOCK_OFFSET_US = int(float(os.environ.get("IRIS_TEST_CLOCK_OFFSET_S", "0")) * 1_000_000)
