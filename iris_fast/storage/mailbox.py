@@ -13,7 +13,8 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
   ``epoch:<worker>`` -> the random identity of this worker's stream (created with the data
   directory, renewed when its LSNs cannot be trusted); ``applied_epoch:<worker>`` -> the epoch
   of the peer's stream that ``applied`` counts in (docs/replication.md, "Stream identity");
-  ``peer_node`` -> the node id of the peer this data directory replicates with.
+  ``peer_node`` -> the node id of the peer this data directory replicates with;
+  ``boot:<worker>`` -> the machine's boot id when the stream last started.
 * ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
   encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
   mailbox change it describes and trimmed once the peer has acknowledged it
@@ -76,6 +77,18 @@ def clock_us() -> int:
 def seq_tag(node_id: str) -> int:
     """The low byte of every ``seq`` a node hands out (docs/replication.md, "Sequence numbers")."""
     return zlib.crc32(node_id.encode()) & 0xFF
+
+
+def boot_id() -> bytes:
+    """This boot of the machine (Linux); IRIS_TEST_BOOT_ID stands in for a reboot in tests."""
+    fake = os.environ.get("IRIS_TEST_BOOT_ID")
+    if fake is not None:
+        return fake.encode()
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""  # unknown: never taken for a reboot
 
 
 def new_epoch() -> int:
@@ -146,6 +159,7 @@ class MailboxStore:
         self._applied_key = b"applied:%d" % writer_id
         self._applied_epoch_key = b"applied_epoch:%d" % writer_id
         self._epoch_key = b"epoch:%d" % writer_id
+        self._boot_key = b"boot:%d" % writer_id
         self._tag = seq_tag(node_id)
         # Replication log (docs/replication.md): every mailbox change gets the next LSN of this
         # worker's stream and is written to rlog in the same transaction as the change.
@@ -192,12 +206,23 @@ class MailboxStore:
         return _SEQ.unpack(raw)[0] if raw else 0
 
     def stream_epoch(self) -> int:
-        """This worker's stream identity, created (and made durable) on first use."""
+        """This worker's stream identity, created (and made durable) on first use, and renewed
+        when the machine rebooted since the last start: a power cut may have lost commits that
+        were already sent (deletion batches are not fsynced), and LSNs reused after that would
+        name other records on the peer than here (docs/replication.md, "Stream identity")."""
         epoch = self._load_u64(self._epoch_key)
-        if not epoch:
-            epoch = new_epoch()
+        boot = boot_id()
+        last_boot = self.load_meta(self._boot_key)
+        if epoch and last_boot is not None and last_boot != boot:
+            log.warning("the machine rebooted since stream %d last ran: its recent commits may "
+                        "be lost; new stream epoch (the peer gets a full copy)",
+                        self.writer_id)  # fmt: skip
+            epoch = 0
+        if not epoch or last_boot != boot:
+            epoch = epoch or new_epoch()
             with self.env.begin(write=True, db=self._meta) as txn:
                 txn.put(self._epoch_key, _SEQ.pack(epoch))
+                txn.put(self._boot_key, boot)
             self.env.sync(True)
         return epoch
 
