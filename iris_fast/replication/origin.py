@@ -67,8 +67,8 @@ class OriginStream:
         # The stream's identity in HELLO: the peer's applied LSN means something only if it
         # counts in this epoch (docs/replication.md, "Stream identity").
         self.epoch = store.stream_epoch()
-        # A full copy in progress: its LSN, phase (0 mailboxes, 1 dedup entries, 2 end marker
-        # to send, 3 waiting for the peer's ACK of it) and the key to continue after.
+        # A full copy in progress: its LSN, phase (0 mailboxes, 1 end marker to send, 2 waiting
+        # for the peer's ACK of it) and the key to continue after.
         self.snapshot_lsn: int | None = None
         self._snap_phase = 0
         self._snap_after = b""
@@ -149,7 +149,7 @@ class OriginStream:
                     link.close()
                 elif self.snapshot_lsn is None:
                     self.on_ack(lsn)
-                elif lsn == self.snapshot_lsn and self._snap_phase == 3:
+                elif lsn == self.snapshot_lsn and self._snap_phase == 2:
                     self._snapshot_done()
         elif t == N.REPL_HEARTBEAT:
             self.store.observe_clock_ms(f[1])
@@ -195,7 +195,7 @@ class OriginStream:
         self.catchup_started = time.monotonic()
         if why is not None:
             # Never trim or ACK on a claim we cannot trust: copy the stream's mailboxes and
-            # dedup entries as they are now (LSN S), then continue from the log after S.
+            # as they are now (LSN S), then continue from the log after S.
             self.full_copies += 1
             self.snapshot_lsn = self.sent = self.committed
             self._snap_phase = 0
@@ -261,27 +261,26 @@ class OriginStream:
         def homed(user: str) -> bool:
             return home_of(user, workers) == index
 
-        while (self._snap_phase < 2 and link.transport is not None
+        # PUTs only: applying one enters its (sender, msg_id) in the peer's dedup window. Dedup
+        # entries alone are not copied: one for a message stored here after S would make the
+        # peer drop that message's PUT when the log brings it, and a worker of the peer that
+        # starts later would load those of other workers' users (docs/replication.md).
+        while (self._snap_phase == 0 and link.transport is not None
                and link.transport.get_write_buffer_size() < SNAPSHOT_BUFFER):  # fmt: skip
-            if self._snap_phase == 0:
-                recs, nxt = self.store.read_snapshot(self._snap_after, homed, BATCH_RECORDS,
-                                                     BATCH_BYTES)  # fmt: skip
-            else:
-                # Every stream carries every entry: each worker of the peer has its own window.
-                recs, nxt = self.store.read_dedup_snapshot(self._snap_after, BATCH_RECORDS)
+            recs, nxt = self.store.read_snapshot(self._snap_after, homed, BATCH_RECORDS,
+                                                 BATCH_BYTES)  # fmt: skip
             if recs:
                 link.send((N.REPL_APPEND, stream, lsn, recs))
                 self.snapshot_records += len(recs)
             if nxt is None:
-                self._snap_phase += 1
-                self._snap_after = b""
+                self._snap_phase = 1
             else:
                 self._snap_after = nxt
             link.flush()
-        if self._snap_phase == 2 and link.transport is not None:
+        if self._snap_phase == 1 and link.transport is not None:
             # The end marker: an empty chunk. The peer ACKs LSN S once the copy is durable.
             link.send((N.REPL_APPEND, stream, lsn, []))
-            self._snap_phase = 3
+            self._snap_phase = 2
 
     def on_ack(self, lsn: int) -> None:
         if lsn > self.acked:
@@ -420,7 +419,7 @@ class OriginStream:
                     self.index, now - link.last_rx,
                 )  # fmt: skip
                 link.close()
-        if self.snapshot_lsn is not None and self._snap_phase < 3:
+        if self.snapshot_lsn is not None and self._snap_phase < 2:
             self.pump()  # in case the socket drained without telling us
         if beat and self.link is not None:
             self.link.send((N.REPL_HEARTBEAT, self.store.seq_clock_ms(),

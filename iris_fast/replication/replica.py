@@ -193,15 +193,16 @@ class ReplicaStream:
         epoch = self.link_epoch
 
         def durable() -> None:
-            if link is not self.link or self._snap_lsn != lsn:
-                return
-            self._snap_lsn = None
+            # Memory follows the disk even if the link went meanwhile (a new HELLO then finds
+            # the copy done); only the link that carried the copy gets its ACK.
             self.epoch = epoch
             self.applied = self.received = lsn
             self.full_copies += 1
             log.info("replication stream %d: full copy of epoch %#x applied up to LSN %d",
                      self.index, epoch, lsn)  # fmt: skip
-            link.send((N.REPL_ACK, self.index, lsn))
+            if link is self.link and self._snap_lsn == lsn:
+                self._snap_lsn = None
+                link.send((N.REPL_ACK, self.index, lsn))
 
         self.repl.store.set_applied(lsn, epoch, durable)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,6 @@ class Replicator:
         self.index = config.worker_index
         self.workers = config.workers
         self.node_id = config.node_id
-        self.epoch = int.from_bytes(os.urandom(8), "big")
         self.peer = parse_peer(config.peer) if config.peer else None
         self.peer_node: str | None = None
         # Only this node id may be our peer: --peer-node-id, else the first one that paired with

@@ -430,19 +430,6 @@ class MailboxStore:
                 if not cur.next():
                     return out, None
 
-    def read_dedup_snapshot(self, after: bytes, limit: int) -> tuple[list[Record], bytes | None]:
-        """Persisted dedup entries from just after key ``after``, as DEDUP records."""
-        out: list[Record] = []
-        with self.env.begin(db=self._dedup) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(after + b"\x00" if after else b""):
-                return out, None
-            for key in cur.iternext(keys=True, values=False):
-                out.append((N.REC_DEDUP, key[8:24], _TS.unpack_from(key, 0)[0]))
-                if len(out) >= limit:
-                    return out, key
-        return out, None
-
     def log_first(self) -> int:
         """LSN of the oldest record still in the log (0 if empty)."""
         with self.env.begin(db=self._rlog) as txn:

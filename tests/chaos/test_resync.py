@@ -47,8 +47,8 @@ def expected(tags: list[tuple[str, int]], users: int = 7) -> dict[str, list[byte
 
 
 def test_a_wiped_node_gets_a_full_copy_of_its_peer(pair):
-    """Replace b: stop it, wipe its data directory, start it. b gets every mailbox and dedup
-    entry a has (both streams, both workers), byte for byte, and the pair is healthy again."""
+    """Replace b: stop it, wipe its data directory, start it. b gets every mailbox a has (both
+    streams, both workers), byte for byte, and the pair is healthy again."""
     assert set(send_batch(pair.a.addr, "alice", "a", 200)) == {N.ACK_STORED}
     assert set(send_batch(pair.b.addr, "bob", "b", 60)) == {N.ACK_STORED}
     # Deletions too: user0 reads its messages on b.
@@ -68,7 +68,7 @@ def test_a_wiped_node_gets_a_full_copy_of_its_peer(pair):
     assert "full copy" in pair.a.full_log()
     assert pair.a.metrics()["iris_repl_full_copies_sent_total"] >= 2  # one per stream
     assert pair.b.metrics()["iris_repl_full_copies_applied_total"] >= 2
-    # The dedup entries came with the copy: a resend to b of a message a stored is recognised.
+    # The copied PUTs entered b's dedup window: a resend to b of a message a stored is recognised.
     s = RawClient(pair.b.addr)
     s.login("alice")
     s.send((N.SEND, "a5", "user5", b"a 5"))
