@@ -78,6 +78,8 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
     ("--repl-host", str, "address the replication listener binds"),
     ("--repl-port", int, "replication listener port (0: none)"),
     ("--peer", str, "HOST:PORT of the peer node's replication listener (pair replication)"),
+    ("--peer-node-id", str, "the peer's --node-id; links from any other node are refused "
+     "(default: the first peer this data directory paired with)"),
     ("--heartbeat", float, "seconds between replication heartbeats"),
     ("--peer-timeout", float, "seconds of silence after which the peer counts as down"),
 ]  # fmt: skip

@@ -87,6 +87,9 @@ class ServerConfig:
     repl_host: str = "127.0.0.1"
     repl_port: int = 0
     peer: str | None = None
+    # The only node id accepted as the peer (None: the first one this data directory paired
+    # with, remembered in its LMDB).
+    peer_node_id: str | None = None
     heartbeat_s: float = 0.5
     # Silence after which the peer counts as down (heartbeats come every heartbeat_s).
     peer_timeout_s: float = 1.5

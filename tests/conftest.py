@@ -28,6 +28,8 @@ class ServerProcess:
         self.port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
+        # Extra environment variables of the server process (e.g. test-only clock offsets).
+        self.env: dict[str, str] = {}
         self.log_path = data_dir.parent / f"{node_id}-{self.port}.log"
 
     @property
@@ -60,6 +62,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             cwd=str(self.data_dir.parent),
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,8 +14,12 @@ from iris_fast.server.batching import BatchedSender
 
 log = logging.getLogger(__name__)
 
-# One REPL_APPEND carries a whole group commit, or a catch-up chunk.
-REPL_MAX_FRAME = 1 << 24
+# One REPL_APPEND carries a group commit or a catch-up chunk of up to 4 MiB, or one record
+# alone: a PUT of the largest client frame (16 MiB) plus its sender, seq and ts, hence the 64 KiB.
+REPL_MAX_FRAME = (1 << 24) + (1 << 16)
+# What a link may send before its HELLO is handled: a HELLO of ours is under 300 bytes. Beyond
+# this, an unknown party would make us buffer up to REPL_MAX_FRAME per connection.
+PRE_HELLO_MAX = 64 << 10
 
 
 class LinkOwner(Protocol):
@@ -38,6 +42,7 @@ class ReplLink(BatchedSender, asyncio.Protocol):
         self.ready = False  # HELLOs exchanged
         # Bytes received before the HELLO was handled: they travel with a hand-off.
         self.raw: bytearray | None = bytearray() if keep_raw else None
+        self._pre_hello = 0
         self._preamble = preamble
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,6 +59,17 @@ class ReplLink(BatchedSender, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        if not self.ready:
+            self._pre_hello += len(data)
+            if self._pre_hello > PRE_HELLO_MAX:
+                problem = f"{self._pre_hello} bytes before its REPL_HELLO (at most {PRE_HELLO_MAX})"
+                refuse = getattr(self.owner, "refuse", None)
+                if refuse is not None:
+                    refuse(self, problem)  # logged and counted by the listener
+                else:
+                    log.error("replication link to %s: %s; closing", self.peername(), problem)
+                self.close()
+                return
         if self.raw is not None:
             self.raw += data
         for f in self.decoder.feed(data):
@@ -64,6 +80,23 @@ class ReplLink(BatchedSender, asyncio.Protocol):
                 self.close()
                 return
             self.owner.on_frame(self, f)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except ValueError as exc:
+            # A frame that cannot be encoded would leave the peer's ACKs missing while
+            # heartbeats keep the link up: close it, the next HELLO resends from the peer's LSN.
+            log.error("replication link to %s: cannot encode a frame (%s); closing it",
+                      self.peername(), exc)  # fmt: skip
+            self._out = None
+            self.close()
+
+    def resume_writing(self) -> None:
+        # The socket drained: an origin sending a full copy sends its next chunks.
+        pump = getattr(self.owner, "pump", None)
+        if pump is not None and self.ready:
+            pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

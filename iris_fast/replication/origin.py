@@ -22,6 +22,7 @@ import iris_native as N
 
 from iris_fast import protocol as P
 from iris_fast.replication.link import ReplLink
+from iris_fast.server.links import home_of
 from iris_fast.storage.mailbox import LoggedRecord, MailboxStore, seq_tag
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ WINDOW_RECORDS = 20_000
 # Records kept in memory for sending while the link is up; beyond, they are read back from LMDB.
 UNSENT_CAP = 50_000
 CONNECT_TIMEOUT_S = 1.0
+# Bit 15 of REPL_APPEND.stream marks a chunk of a full copy (docs/replication.md, "Full copy").
+SNAPSHOT_STREAM = 0x8000
+# Bytes a full copy leaves queued on the link's socket before it waits for it to drain.
+SNAPSHOT_BUFFER = 8 << 20
 REDIAL_S = 0.2
 
 
@@ -59,10 +64,22 @@ class OriginStream:
         self.catchup_target = 0
         self.catchup_started = 0.0
         self._progress_at = 0
+        # The stream's identity in HELLO: the peer's applied LSN means something only if it
+        # counts in this epoch (docs/replication.md, "Stream identity").
+        self.epoch = store.stream_epoch()
+        # A full copy in progress: its LSN, phase (0 mailboxes, 1 end marker to send, 2 waiting
+        # for the peer's ACK of it) and the key to continue after.
+        self.snapshot_lsn: int | None = None
+        self._snap_phase = 0
+        self._snap_after = b""
+        self._snap_started = 0.0
+        self.full_copies = 0
+        self.snapshot_records = 0
         # Set while records are logged with no link: the peer cannot have them; both sides
         # having such records when the link heals is a split brain (see replica.py).
         self.wrote_while_apart = False
         self.records_sent = 0
+        self.bad_acks = 0
         self.appends_sent = 0
         self.degraded_acks = 0
         self.peer_losses = 0
@@ -110,7 +127,7 @@ class OriginStream:
                     self._pending = link
                     flags = N.HELLO_SPLIT if self.wrote_while_apart else 0
                     link.send(
-                        (N.REPL_HELLO, N.REPL_VERSION, self.repl.node_id, self.repl.epoch,
+                        (N.REPL_HELLO, N.REPL_VERSION, self.repl.node_id, self.epoch,
                          self.repl.workers, flags, [(self.index, self.committed)])
                     )  # fmt: skip
             await asyncio.sleep(REDIAL_S)
@@ -121,8 +138,21 @@ class OriginStream:
         t = f[0]
         if t == N.REPL_ACK:
             if link is self.link and f[1] == self.index:
-                self.on_ack(f[2])
+                lsn = f[2]
+                if lsn > self.sent:
+                    # Trusting it would trim unsent records and ACK clients for them.
+                    log.error(
+                        "replication stream %d: the peer acknowledged LSN %d, beyond the %d we "
+                        "sent; closing the link", self.index, lsn, self.sent,
+                    )  # fmt: skip
+                    self.bad_acks += 1
+                    link.close()
+                elif self.snapshot_lsn is None:
+                    self.on_ack(lsn)
+                elif lsn == self.snapshot_lsn and self._snap_phase == 2:
+                    self._snapshot_done()
         elif t == N.REPL_HEARTBEAT:
+            self.store.observe_clock_ms(f[1])
             for stream, lsn in f[2]:
                 if stream == self.index:
                     self.peer_applied = lsn
@@ -141,25 +171,47 @@ class OriginStream:
             self.repl.refuse(link, problem)
             return
         self._pending = None
+        self.repl.peer_seen(node)
         applied = entries[0][1]
-        if applied > self.committed:
-            # The peer holds records we no longer have (our disk lost unsynced commits, or it
-            # is a peer of a previous life of this node): continue after them, never reuse LSNs.
+        if epoch == self.epoch and applied > self.committed:
+            # Its LSNs beyond ours name records we no longer have (we lost commits, or run on an
+            # older copy of our data): our next LSNs must not mean the same to both of us. A
+            # new epoch, then a new HELLO, so the peer gets a full copy of the new history.
+            self.epoch = self.store.renew_epoch()
             log.warning(
-                "peer %s has applied LSN %d of stream %d, beyond our log's %d; continuing from it",
-                node, applied, self.index, self.committed,
+                "replication stream %d: peer %s has applied LSN %d, beyond our last LSN %d; "
+                "new stream epoch %#x, reconnecting", self.index, node, applied, self.committed,
+                self.epoch,
             )  # fmt: skip
-            self.store.lsn = max(self.store.lsn, applied)
-            self.committed = applied
+            link.close()
+            return
+        why = self._full_copy_reason(epoch, applied)
         self.link = link
         link.ready = True
         self.repl.peer_node = node
         self.repl.peer_epoch = epoch
-        self.sent = applied
         self.unsent.clear()
-        self.catching_up = self.committed > applied
         self.catchup_target = self.committed
         self.catchup_started = time.monotonic()
+        if why is not None:
+            # Never trim or ACK on a claim we cannot trust: copy the stream's mailboxes and
+            # as they are now (LSN S), then continue from the log after S.
+            self.full_copies += 1
+            self.snapshot_lsn = self.sent = self.committed
+            self._snap_phase = 0
+            self._snap_after = b""
+            self._snap_started = time.monotonic()
+            self.snapshot_records = 0
+            self.catching_up = True
+            log.warning(
+                "replication stream %d: sending peer %s a full copy at LSN %d: %s",
+                self.index, node, self.snapshot_lsn, why,
+            )  # fmt: skip
+            self.repl.link_state_changed()
+            self.pump()
+            return
+        self.sent = applied
+        self.catching_up = self.committed > applied
         if self.catching_up:
             log.info(
                 "replication stream %d: peer %s up, catching it up on %d records (LSN %d..%d)",
@@ -171,6 +223,64 @@ class OriginStream:
         self.on_ack(applied)
         self.repl.link_state_changed()
         self.pump()
+
+    def _full_copy_reason(self, epoch: int, applied: int) -> str | None:
+        """Why the peer's applied LSN (from its HELLO) cannot be caught up from our log."""
+        if epoch != self.epoch:
+            return (
+                f"it counts LSN {applied} in stream epoch {epoch:#x}, ours is {self.epoch:#x} "
+                "(a new or replaced data directory on either side, or another pairing)"
+            )
+        if applied < self.acked:
+            return (f"it has applied LSN {applied}, below the {self.acked} it acknowledged (it "
+                    "runs on an older copy of its data directory)")  # fmt: skip
+        if applied < self.committed:
+            first = self.store.log_first()
+            if not first or first > applied + 1:
+                return (f"it has applied LSN {applied} and our log starts at "
+                        f"{first or self.committed + 1}")  # fmt: skip
+        return None
+
+    def _snapshot_done(self) -> None:
+        lsn = self.snapshot_lsn
+        assert lsn is not None
+        self.snapshot_lsn = None
+        log.info(
+            "replication stream %d: full copy complete at LSN %d (%d records) in %.2f s",
+            self.index, lsn, self.snapshot_records, time.monotonic() - self._snap_started,
+        )  # fmt: skip
+        self.on_ack(lsn)
+
+    def _pump_snapshot(self, link: ReplLink) -> None:
+        """Send the next chunks of the full copy while the socket keeps up."""
+        lsn = self.snapshot_lsn
+        stream = self.index | SNAPSHOT_STREAM
+        workers = self.repl.workers
+        index = self.index
+
+        def homed(user: str) -> bool:
+            return home_of(user, workers) == index
+
+        # PUTs only: applying one enters its (sender, msg_id) in the peer's dedup window. Dedup
+        # entries alone are not copied: one for a message stored here after S would make the
+        # peer drop that message's PUT when the log brings it, and a worker of the peer that
+        # starts later would load those of other workers' users (docs/replication.md).
+        while (self._snap_phase == 0 and link.transport is not None
+               and link.transport.get_write_buffer_size() < SNAPSHOT_BUFFER):  # fmt: skip
+            recs, nxt = self.store.read_snapshot(self._snap_after, homed, BATCH_RECORDS,
+                                                 BATCH_BYTES)  # fmt: skip
+            if recs:
+                link.send((N.REPL_APPEND, stream, lsn, recs))
+                self.snapshot_records += len(recs)
+            if nxt is None:
+                self._snap_phase = 1
+            else:
+                self._snap_after = nxt
+            link.flush()
+        if self._snap_phase == 1 and link.transport is not None:
+            # The end marker: an empty chunk. The peer ACKs LSN S once the copy is durable.
+            link.send((N.REPL_APPEND, stream, lsn, []))
+            self._snap_phase = 2
 
     def on_ack(self, lsn: int) -> None:
         if lsn > self.acked:
@@ -208,6 +318,7 @@ class OriginStream:
         if link is not self.link:
             return
         self.link = None
+        self.snapshot_lsn = None
         if self.committed > self.acked:
             # These records now exist on this side only, like writes made while apart.
             self.wrote_while_apart = True
@@ -238,7 +349,8 @@ class OriginStream:
         if self.link is None:
             self.wrote_while_apart = True
             return
-        if len(self.unsent) < UNSENT_CAP:
+        if len(self.unsent) < UNSENT_CAP and self.snapshot_lsn is None:
+            # (During a full copy they wait in the log: a copy can take long.)
             self.unsent.extend(records)
         self.pump()
 
@@ -246,6 +358,9 @@ class OriginStream:
         """Send what the peer lacks, within the window."""
         link = self.link
         if link is None:
+            return
+        if self.snapshot_lsn is not None:
+            self._pump_snapshot(link)
             return
         unsent = self.unsent
         while self.sent < self.committed and self.sent - self.acked < WINDOW_RECORDS:
@@ -255,8 +370,13 @@ class OriginStream:
             if unsent and unsent[0][0] == first:
                 batch = []
                 nxt = first
-                while unsent and unsent[0][0] == nxt and len(batch) < BATCH_RECORDS:
-                    batch.append(unsent.popleft()[1])
+                size = 0
+                # Bounded in bytes too: one group commit of large messages can exceed a frame.
+                while (unsent and unsent[0][0] == nxt and len(batch) < BATCH_RECORDS
+                       and size < BATCH_BYTES):  # fmt: skip
+                    rec = unsent.popleft()[1]
+                    batch.append(rec)
+                    size += record_size(rec)
                     nxt += 1
             else:
                 upto = unsent[0][0] - 1 if unsent else self.committed
@@ -299,8 +419,10 @@ class OriginStream:
                     self.index, now - link.last_rx,
                 )  # fmt: skip
                 link.close()
+        if self.snapshot_lsn is not None and self._snap_phase < 2:
+            self.pump()  # in case the socket drained without telling us
         if beat and self.link is not None:
-            self.link.send((N.REPL_HEARTBEAT, int(time.time() * 1000),
+            self.link.send((N.REPL_HEARTBEAT, self.store.seq_clock_ms(),
                             [(self.index, self.committed)]))  # fmt: skip
 
     def close(self) -> None:
@@ -320,6 +442,15 @@ class OriginStream:
                 return False
             await asyncio.sleep(0.01)
         return self.acked >= self.committed
+
+
+def record_size(rec: tuple) -> int:
+    """An upper bound of a record's encoded size (str8 fields count at most 255 bytes)."""
+    if rec[0] == N.REC_PUT:
+        return len(rec[6]) + 3 * 256 + 21
+    if rec[0] == N.REC_DEL:
+        return 256 + 9
+    return 25
 
 
 def peer_problem(own_node: str, own_workers: int, version: int, node: str, workers: int

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+PEER_NODE_KEY = b"peer_node"
+# An accepted link must say REPL_HELLO within this time (our dialers send it on connect).
+HELLO_TIMEOUT_S = 5.0
 # The user name under which an accepted replication socket travels in a hand-off (a real user
 # id cannot contain NUL).
 HANDOFF_USER = "\0repl"
@@ -54,9 +56,14 @@ class Replicator:
         self.index = config.worker_index
         self.workers = config.workers
         self.node_id = config.node_id
-        self.epoch = int.from_bytes(os.urandom(8), "big")
         self.peer = parse_peer(config.peer) if config.peer else None
         self.peer_node: str | None = None
+        # Only this node id may be our peer: --peer-node-id, else the first one that paired with
+        # this data directory (docs/replication.md, "Pairing").
+        stored = store.load_meta(PEER_NODE_KEY)
+        self.expected_peer = config.peer_node_id or (stored.decode() if stored else None)
+        if config.peer_node_id and stored != config.peer_node_id.encode():
+            store.put_meta(PEER_NODE_KEY, config.peer_node_id.encode())
         self.peer_epoch = 0
         self.timeout = config.peer_timeout_s
         self.heartbeat = config.heartbeat_s
@@ -71,7 +78,7 @@ class Replicator:
         loop = asyncio.get_running_loop()
         if self.config.repl_port:
             self._server = await loop.create_server(
-                lambda: ReplLink(self, keep_raw=True),
+                self._accepted,
                 self.config.repl_host,
                 self.config.repl_port,
                 reuse_port=True,
@@ -112,17 +119,21 @@ class Replicator:
 
         async def attach() -> None:
             try:
-                await loop.connect_accepted_socket(
-                    lambda: ReplLink(self, preamble, keep_raw=True), sock
-                )
+                await loop.connect_accepted_socket(lambda: self._accepted(preamble), sock)
             except Exception as exc:  # pragma: no cover - socket gone meanwhile
                 log.warning("adopting a replication link failed: %s", exc)
                 sock.close()
 
         loop.create_task(attach())
 
+    def _accepted(self, preamble: bytes = b"") -> ReplLink:
+        link = ReplLink(self, preamble, keep_raw=True)
+        self._accepting.add(link)
+        return link
+
     def on_frame(self, link: ReplLink, f: tuple) -> None:
         """First frame of an accepted link (the acceptor is the link's owner until then)."""
+        self._accepting.discard(link)
         if f[0] != N.REPL_HELLO:
             self.refuse(link, f"first frame must be REPL_HELLO, got type 0x{f[0]:02x}")
             return
@@ -130,11 +141,14 @@ class Replicator:
         problem = peer_problem(self.node_id, self.workers, version, node, workers)
         if problem is None and (len(entries) != 1 or not 0 <= entries[0][0] < self.workers):
             problem = f"HELLO names streams {entries}; expected one of 0..{self.workers - 1}"
+        if problem is None:
+            problem = self.not_our_peer(node)
         if problem is not None:
             self.refuse(link, problem)
             return
         stream = entries[0][0]
         if stream == self.index:
+            self.peer_seen(node)
             self.replica.on_hello(link, f)
             return
         handoff = self.worker.handoff
@@ -153,7 +167,24 @@ class Replicator:
 
     def check_peer(self, version: int, node: str, workers: int) -> str | None:
         """Why a peer's HELLO cannot be accepted (None: it can)."""
-        return peer_problem(self.node_id, self.workers, version, node, workers)
+        return peer_problem(self.node_id, self.workers, version, node, workers) or (
+            self.not_our_peer(node)
+        )
+
+    def not_our_peer(self, node: str) -> str | None:
+        want = self.expected_peer
+        if want is None or node == want:
+            return None
+        how = "--peer-node-id" if self.config.peer_node_id else (
+            "the first peer of this data directory; --peer-node-id changes it")  # fmt: skip
+        return f"node {node!r} is not this node's peer {want!r} ({how})"
+
+    def peer_seen(self, node: str) -> None:
+        """A HELLO from ``node`` was accepted: the first one pairs the data directory with it."""
+        if self.expected_peer is None:
+            self.expected_peer = node
+            self.store.put_meta(PEER_NODE_KEY, node.encode())
+            log.info("this data directory now replicates with peer %s only", node)
 
     def refuse(self, link: ReplLink, problem: str) -> None:
         self.refused += 1
@@ -161,7 +192,7 @@ class Replicator:
         link.close()
 
     def link_lost(self, link: ReplLink) -> None:
-        pass  # an accepted link that never said HELLO
+        self._accepting.discard(link)  # an accepted link that never said HELLO
 
     def link_state_changed(self) -> None:
         o = self.origin
@@ -179,6 +210,9 @@ class Replicator:
             beat = now - last_beat >= self.heartbeat
             if beat:
                 last_beat = now
+            for link in [k for k in self._accepting if now - k.opened > HELLO_TIMEOUT_S]:
+                self._accepting.discard(link)
+                self.refuse(link, f"no REPL_HELLO within {HELLO_TIMEOUT_S:g} s")
             if self.origin is not None:
                 self.origin.tick(now, self.timeout, beat)
             self.replica.tick(now, self.timeout, beat)

@@ -328,10 +328,17 @@ def _replication_metrics(w: Worker) -> Iterator[Metric]:
                                     o.degraded_acks if o else 0),
         "iris_repl_split_brains": ("Partitions detected on heal: both nodes took writes apart",
                                    r.split_brains),
-        "iris_repl_links_refused": ("Replication links refused (wrong version, id, workers)",
+        "iris_repl_links_refused": ("Replication links refused (version, id, workers, no HELLO)",
                                     repl.refused),
         "iris_repl_duplicates_skipped": ("Replicated messages this node already had",
                                          w.stats.repl_duplicates),
+        "iris_repl_full_copies_sent": ("Full copies of this node's stream sent to the peer "
+                                       "(its LSN claim could not be trusted)",
+                                       o.full_copies if o else 0),
+        "iris_repl_full_copies_applied": ("Full copies of the peer's stream applied here",
+                                          r.full_copies),
+        "iris_repl_bad_acks": ("Peer ACKs beyond what was sent (link closed)",
+                               o.bad_acks if o else 0),
     }  # fmt: skip
     for name, (doc, value) in counters.items():
         yield CounterMetricFamily(name, doc, value=value)

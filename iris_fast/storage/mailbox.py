@@ -16,6 +16,11 @@ Layout (one LMDB environment under ``<data-dir>/mailbox``):
   restarts even if the clock steps back; ``lsn:<worker>`` -> the last LSN of the worker's
   replication stream; ``applied:<worker>`` -> the last LSN of the peer's stream applied here;
   ``dedup_workers:<worker>`` -> the ``--workers`` the worker last reloaded its dedup table with.
+  ``epoch:<worker>`` -> the random identity of this worker's stream (created with the data
+  directory, renewed when its LSNs cannot be trusted); ``applied_epoch:<worker>`` -> the epoch
+  of the peer's stream that ``applied`` counts in (docs/replication.md, "Stream identity");
+  ``peer_node`` -> the node id of the peer this data directory replicates with;
+  ``boot:<worker>`` -> the machine's boot id when the stream last started.
 * ``rlog``: key ``lsn u64 BE`` (one table per worker stream, ``rlog:<worker>``) -> one record
   encoded as a ``REPL_APPEND`` frame: the replication log, written in the same transaction as the
   mailbox change it describes and trimmed once the peer has acknowledged it
@@ -71,12 +76,38 @@ StoredMessage = tuple[int, str, str, int, bytes]
 Record = tuple[Any, ...]
 LoggedRecord = tuple[int, Record]
 
-_LOG_MAX_FRAME = 1 << 24
+# A logged record is a one-record REPL_APPEND (same limit as replication links: link.py).
+_LOG_MAX_FRAME = (1 << 24) + (1 << 16)
+
+# For tests only: shifts the clock that seeds sequence numbers, to play a node whose clock lags.
+_CLOCK_OFFSET_US = int(float(os.environ.get("IRIS_TEST_CLOCK_OFFSET_S", "0")) * 1_000_000)
+
+
+def clock_us() -> int:
+    """The wall clock in microseconds, as sequence numbers see it."""
+    return int(time.time() * 1_000_000) + _CLOCK_OFFSET_US
 
 
 def seq_tag(node_id: str) -> int:
     """The low byte of every ``seq`` a node hands out (docs/replication.md, "Sequence numbers")."""
     return zlib.crc32(node_id.encode()) & 0xFF
+
+
+def boot_id() -> bytes:
+    """This boot of the machine (Linux); IRIS_TEST_BOOT_ID stands in for a reboot in tests."""
+    fake = os.environ.get("IRIS_TEST_BOOT_ID")
+    if fake is not None:
+        return fake.encode()
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""  # unknown: never taken for a reboot
+
+
+def new_epoch() -> int:
+    """A random, non-zero stream identity (0 means "none")."""
+    return int.from_bytes(os.urandom(8), "big") or 1
 
 
 def mailbox_key(user: str, seq: int) -> bytes:
@@ -157,12 +188,16 @@ class MailboxStore:
         self._hwm_key = _SEQ_HWM + b":%d" % writer_id
         self._lsn_key = b"lsn:%d" % writer_id
         self._applied_key = b"applied:%d" % writer_id
+        self._applied_epoch_key = b"applied_epoch:%d" % writer_id
+        self._epoch_key = b"epoch:%d" % writer_id
+        self._boot_key = b"boot:%d" % writer_id
         self._tag = seq_tag(node_id)
         # Replication log (docs/replication.md): every mailbox change gets the next LSN of this
         # worker's stream and is written to rlog in the same transaction as the change.
         self.replicated = replicated
         self.lsn = self._load_u64(self._lsn_key)
         self.applied = self._load_u64(self._applied_key)
+        self.applied_epoch = self._load_u64(self._applied_epoch_key)
         self._batch_records: list[LoggedRecord] = []
         # Called on the loop with the records of each committed batch, in LSN order.
         self.on_logged: Callable[[list[LoggedRecord]], None] | None = None
@@ -195,17 +230,74 @@ class MailboxStore:
                     stored = max(stored, _SEQ.unpack(raw)[0])
         # Microseconds since the epoch as a floor keeps seqs growing across restarts even if the
         # hwm write of the last batch was lost; the stored hwm covers a clock that stepped back.
-        return max(stored, int(time.time() * 1_000_000) << 8)
+        return max(stored, clock_us() << 8)
 
     def _load_u64(self, key: bytes) -> int:
         with self.env.begin(db=self._meta) as txn:
             raw = txn.get(key)
         return _SEQ.unpack(raw)[0] if raw else 0
 
+    def stream_epoch(self) -> int:
+        """This worker's stream identity, created (and made durable) on first use, and renewed
+        when the machine rebooted since the last start: a power cut may have lost commits that
+        were already sent (deletion batches are not fsynced), and LSNs reused after that would
+        name other records on the peer than here (docs/replication.md, "Stream identity")."""
+        epoch = self._load_u64(self._epoch_key)
+        boot = boot_id()
+        last_boot = self.load_meta(self._boot_key)
+        if epoch and last_boot is not None and last_boot != boot:
+            log.warning("the machine rebooted since stream %d last ran: its recent commits may "
+                        "be lost; new stream epoch (the peer gets a full copy)",
+                        self.writer_id)  # fmt: skip
+            epoch = 0
+        if not epoch or last_boot != boot:
+            epoch = epoch or new_epoch()
+            with self.env.begin(write=True, db=self._meta) as txn:
+                txn.put(self._epoch_key, _SEQ.pack(epoch))
+                txn.put(self._boot_key, boot)
+            self.env.sync(True)
+        return epoch
+
+    def renew_epoch(self) -> int:
+        """A new stream identity (queued, durable with the next batch): our LSNs so far may
+        name other records on the peer than in our log."""
+        epoch = new_epoch()
+        self._enqueue(("meta", [(self._epoch_key, _SEQ.pack(epoch))]), None, durable=True)
+        return epoch
+
+    def load_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin(db=self._meta) as txn:
+            return txn.get(key)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        """Queue a ``meta`` entry, durable with the next batch."""
+        self._enqueue(("meta", [(key, value)]), None, durable=True)
+
+    def set_applied(self, lsn: int, epoch: int, done: Callable[[], None]) -> None:
+        """Record durably that the peer's stream ``epoch`` is applied up to ``lsn`` (the end of
+        a full copy); ``done`` runs on the loop once durable."""
+        pairs = [(self._applied_key, _SEQ.pack(lsn)), (self._applied_epoch_key, _SEQ.pack(epoch))]
+        self._enqueue(("meta", pairs), done, durable=True)
+
     def next_seq(self) -> int:
-        """A strictly increasing sequence number for a new message, tagged with this node."""
-        self.seq_hwm = (((self.seq_hwm >> 8) + 1) << 8) | self._tag
+        """A strictly increasing sequence number for a new message, tagged with this node.
+        The counter never goes below anything either node of the pair issued that we know of
+        (observe_seq, observe_clock_ms); the clock is only a floor."""
+        self.seq_hwm = (max((self.seq_hwm >> 8) + 1, clock_us()) << 8) | self._tag
         return self.seq_hwm
+
+    def seq_clock_ms(self) -> int:
+        """Our sequence clock for the peer (REPL_HEARTBEAT.ts_ms): in ms, rounded up, at least
+        the counter of every seq we issued or observed and at least the wall clock."""
+        return max(self.seq_hwm >> 8, clock_us()) // 1000 + 1
+
+    def observe_clock_ms(self, ts_ms: int) -> None:
+        """The peer's sequence clock: every seq it issued so far is below it, including those
+        of messages we never saw (delivered live there, or written while its stream to us was
+        cut). A value that would overflow a seq is ignored."""
+        floor = ts_ms * 1000
+        if floor < 1 << 56 and floor << 8 > self.seq_hwm:
+            self.seq_hwm = floor << 8
 
     def observe_seq(self, seq: int) -> None:
         """A seq the peer handed out: ours continue above it, so per-pair order survives a
@@ -427,6 +519,37 @@ class MailboxStore:
             return []
         dec = N.Decoder(_LOG_MAX_FRAME, repl=True)
         return [(f[2], f[3][0]) for f in dec.feed(b"".join(chunks))]
+
+    def read_snapshot(
+        self, after: bytes, want: Callable[[str], bool], limit: int, max_bytes: int
+    ) -> tuple[list[Record], bytes | None]:
+        """Committed messages of the users ``want`` accepts, as PUT records, in key order from
+        just after key ``after`` (b"": the start); returns them and the key to continue after
+        (None: done). One read transaction per call: a full copy is not one snapshot, which is
+        fine because the log after it replays every later change, and replaying is idempotent."""
+        out: list[Record] = []
+        size = 0
+        with self.env.begin(db=self._msgs, buffers=False) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(after + b"\x00" if after else b""):
+                return out, None
+            while True:
+                key = cur.key()
+                cut = len(key) - 9  # user | 0x00 | seq u64
+                user = key[:cut].decode()
+                if not want(user):
+                    # Skip the whole mailbox: the next key after "user\x00<every seq>".
+                    if not cur.set_range(key[: cut + 1] + b"\xff" * 9):
+                        return out, None
+                    continue
+                sender, msg_id, ts, body = decode_value(cur.value())
+                out.append((N.REC_PUT, user, _SEQ.unpack_from(key, cut + 1)[0], ts, sender,
+                            msg_id, body))  # fmt: skip
+                size += len(body) + len(key) + 64
+                if len(out) >= limit or size >= max_bytes:
+                    return out, key
+                if not cur.next():
+                    return out, None
 
     def log_first(self) -> int:
         """LSN of the oldest record still in the log (0 if empty)."""
@@ -657,6 +780,10 @@ class MailboxStore:
                 elif kind == "apply":
                     op[3][:] = [self._apply_record(txn, rec) for rec in op[1]]
                     txn.put(self._applied_key, _SEQ.pack(op[2]), db=self._meta)
+                    continue
+                elif kind == "meta":
+                    for key, value in op[1]:
+                        txn.put(key, value, db=self._meta)
                     continue
                 elif kind == "trim":
                     cur = txn.cursor(db=rlog)

@@ -12,8 +12,9 @@ pub const REPL_APPEND: u8 = 0x62;
 pub const REPL_ACK: u8 = 0x63;
 pub const REPL_HEARTBEAT: u8 = 0x64;
 
-/// Replication protocol version carried by `REPL_HELLO`. 2: `DEDUP` records
-/// carry the sender hash (a version-1 peer would misread them).
+/// Replication protocol version carried by `REPL_HELLO`. 2 (issue 10): `DEDUP`
+/// records carry the sender hash and `epoch` is the stream identity; a
+/// version-1 peer is refused.
 pub const REPL_VERSION: u8 = 2;
 
 /// `REPL_HELLO.flags` bit 0: the sending node accepted writes in degraded

@@ -252,3 +252,64 @@ def test_a_crashed_worker_rejoins_the_pair_and_catches_up(pair):
         assert r.recv(timeout=10).body == b"while a's worker 1 was down"
         r.close()
     s.close()
+
+
+def test_a_group_commit_over_16_mib_replicates_and_is_acked(pair_factory):
+    """300 SENDs of 60 KB land in one group commit of 18 MB, above one replication frame's
+    16 MiB: the origin splits the commit by bytes, every SEND is ACKed without the degraded
+    flag, and every message is on the peer. To make it one commit, the worker is stopped
+    (SIGSTOP) while 300 clients each write one SEND, so its next loop tick reads all of them."""
+    import os
+    import signal
+
+    # A peer timeout well above the stop, so the link stays up (no catch-up path involved).
+    pair = pair_factory(1, "--peer-timeout", "10")
+    bodies = [bytes([i % 251]) * 60_000 for i in range(300)]
+    clients = []
+    for i in range(300):
+        c = RawClient(pair.a.addr, timeout=30)
+        c.login(f"big-s{i}")
+        clients.append(c)
+    worker = pair.a.health()["workers"][0]["pid"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for i, c in enumerate(clients):
+            c.send((N.SEND, f"big-{i}", "big-rcpt", bodies[i]))
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    for i, c in enumerate(clients):
+        assert c.expect(N.ACK, timeout=30) == (N.ACK, f"big-{i}", N.ACK_STORED), i
+        c.sock.close()
+    m = pair.a.metrics()
+    assert m["iris_repl_records_sent_total"] >= 300
+    # More than one frame per 16 MiB: the commit went out in several REPL_APPENDs.
+    assert m["iris_repl_appends_sent_total"] >= 2
+    assert "exceeds max_frame" not in pair.a.full_log()
+    r = IrisClient(*pair.b.addr, timeout=30)
+    r.login("big-rcpt")
+    got = {r.recv(timeout=30).body for _ in range(300)}
+    assert got == set(bodies)
+    r.close()
+
+
+def test_the_largest_client_frame_with_a_long_sender_replicates(pair_factory):
+    """A SEND filling a 16 MiB client frame, from a 200-byte user id: its replication record is
+    larger than the client frame (sender, seq, ts). It is logged, replicated, ACKed and on the
+    peer, instead of failing to encode inside the SEND handler."""
+    pair = pair_factory(1, "--max-frame", str(16 << 20), "--mailbox-max-bytes", str(64 << 20))
+    sender = "s" * 200
+    s = RawClient(pair.a.addr, timeout=30)
+    s.login(sender)
+    # type, msg_id str8 "g1", to str8 "r": the body takes the rest of the 16 MiB frame.
+    body = b"x" * ((16 << 20) - (1 + 1 + 2 + 1 + 1))
+    s.send((N.SEND, "g1", "r", body))
+    assert s.expect(N.ACK, timeout=60) == (N.ACK, "g1", N.ACK_STORED)
+    s.sock.close()
+    # On b's disk (delivering it to a client is the client protocol's business, not this test's).
+    assert pair.b.terminate() == 0
+    from chaos.test_failures import mailbox_rows
+    from iris_fast.storage.mailbox import decode_value
+
+    [(key, value)] = mailbox_rows(pair.b.data_dir)
+    got_sender, msg_id, _ts, got_body = decode_value(value)
+    assert (key[:2], got_sender, msg_id, got_body == body) == (b"r\x00", sender, "g1", True)
