@@ -15,6 +15,7 @@ import iris_native as N
 import pytest
 from rawclient import RawClient
 
+from iris_fast import protocol as P
 from iris_fast.client import IrisClient
 
 pytestmark = pytest.mark.timeout(180)
@@ -293,16 +294,18 @@ def test_a_group_commit_over_16_mib_replicates_and_is_acked(pair_factory):
 
 
 def test_the_largest_client_frame_with_a_long_sender_replicates(pair_factory):
-    """A SEND filling a 16 MiB client frame, from a 200-byte user id: its replication record is
-    larger than the client frame (sender, seq, ts). It is logged, replicated, ACKed and on the
-    peer, instead of failing to encode inside the SEND handler."""
+    """The largest message a 16 MiB client frame can carry (its DELIVER fills the frame), from
+    and to 200-byte user ids: its replication record is larger than the client frame (it adds
+    the recipient). It is logged, replicated, ACKed and on the peer, instead of failing to
+    encode inside the SEND handler."""
     pair = pair_factory(1, "--max-frame", str(16 << 20), "--mailbox-max-bytes", str(64 << 20))
-    sender = "s" * 200
+    sender, to = "s" * 200, "r" * 200
     s = RawClient(pair.a.addr, timeout=30)
     s.login(sender)
-    # type, msg_id str8 "g1", to str8 "r": the body takes the rest of the 16 MiB frame.
-    body = b"x" * ((16 << 20) - (1 + 1 + 2 + 1 + 1))
-    s.send((N.SEND, "g1", "r", body))
+    # The body takes the rest of the DELIVER that --max-frame allows (a SEND whose DELIVER
+    # would not fit is refused: tests/hostile/test_frame_bounds.py).
+    body = b"x" * ((16 << 20) - P.deliver_len(sender, "g1", 0))
+    s.send((N.SEND, "g1", to, body))
     assert s.expect(N.ACK, timeout=60) == (N.ACK, "g1", N.ACK_STORED)
     s.sock.close()
     # On b's disk (delivering it to a client is the client protocol's business, not this test's).
@@ -312,4 +315,9 @@ def test_the_largest_client_frame_with_a_long_sender_replicates(pair_factory):
 
     [(key, value)] = mailbox_rows(pair.b.data_dir)
     got_sender, msg_id, _ts, got_body = decode_value(value)
-    assert (key[:2], got_sender, msg_id, got_body == body) == (b"r\x00", sender, "g1", True)
+    assert (key[:201], got_sender, msg_id, got_body == body) == (
+        to.encode() + b"\x00",
+        sender,
+        "g1",
+        True,
+    )
