@@ -120,7 +120,8 @@ def test_a_drained_storage_queue_does_not_undo_a_link_hold(loop):
     assert w._link_held(c)
 
 
-def test_a_drained_storage_queue_does_not_undo_write_pressure(loop):
+def _sender_paused_for_storage(loop) -> tuple[W.Worker, FakeStore, FakeConn]:
+    """A sender whose stored SEND found the storage queue over its high-water mark."""
     store = FakeStore()
     w = _two_worker_engine(loop, store)
     here = _users(0)
@@ -129,6 +130,11 @@ def test_a_drained_storage_queue_does_not_undo_write_pressure(loop):
     store.queued = W.STORE_HIGH_WATER + 1
     w.on_send(c, "m1", here[1], b"y")
     assert c.paused
+    return w, store, c
+
+
+def test_a_drained_storage_queue_does_not_undo_write_pressure(loop):
+    w, store, c = _sender_paused_for_storage(loop)
     w.reads_paused = True  # slow readers elsewhere hold the worker's reads
     store.queued = 0
     store.commit_all()
@@ -136,13 +142,7 @@ def test_a_drained_storage_queue_does_not_undo_write_pressure(loop):
 
 
 def test_a_sender_paused_for_storage_is_resumed_once_the_queue_drains_without_callbacks(loop):
-    store = FakeStore()
-    w = _two_worker_engine(loop, store)
-    here = _users(0)
-    c = FakeConn(here[0])
-    w.connections.add(c)
-    store.queued = W.STORE_HIGH_WATER + 1
-    w.on_send(c, "m1", here[1], b"y")
+    w, store, c = _sender_paused_for_storage(loop)
     store.commit_all()  # its put commits while deletions still fill the queue
     assert c.paused
     store.queued = 0  # the deletions drain; none of them has a callback
