@@ -33,6 +33,7 @@ HELLO_SPLIT: Final[int]
 REC_PUT: Final[int]
 REC_DEL: Final[int]
 REC_DEDUP: Final[int]
+REC_CURSOR: Final[int]
 
 E_BAD_FRAME: Final[int]
 E_FRAME_TOO_LARGE: Final[int]
@@ -49,8 +50,8 @@ DEDUP_DONE: Final[int]
 
 DEFAULT_MAX_FRAME: Final[int]
 
-# (LOGIN, version, user, token)
-LoginFrame: TypeAlias = tuple[int, int, str, str]
+# (LOGIN, version, user, token) or, with a device id, (LOGIN, version, user, token, device)
+LoginFrame: TypeAlias = tuple[int, int, str, str] | tuple[int, int, str, str, str]
 # (LOGIN_OK, version, flags, node, max_frame)
 LoginOkFrame: TypeAlias = tuple[int, int, int, str, int]
 # (SEND, msg_id, to, body)
@@ -77,7 +78,9 @@ PutRecord: TypeAlias = tuple[int, str, int, int, str, str, bytes]
 DelRecord: TypeAlias = tuple[int, str, int]
 # (REC_DEDUP, key (16 bytes), ts_ms, sender hash)
 DedupRecord: TypeAlias = tuple[int, bytes, int, int]
-Record: TypeAlias = PutRecord | DelRecord | DedupRecord
+# (REC_CURSOR, user, device, seq, ts_ms)
+CursorRecord: TypeAlias = tuple[int, str, str, int, int]
+Record: TypeAlias = PutRecord | DelRecord | DedupRecord | CursorRecord
 # (stream, lsn)
 StreamLsn: TypeAlias = tuple[int, int]
 # (REPL_HELLO, version, node, epoch, workers, flags, [(stream, lsn), ...])

@@ -55,6 +55,8 @@ pub enum Frame {
         version: u8,
         user: String,
         token: String,
+        /// Optional trailing field (empty: absent, an old client's anonymous device).
+        device: String,
     },
     LoginOk {
         version: u8,
@@ -148,6 +150,8 @@ pub enum FrameRef<'a> {
         version: u8,
         user: &'a str,
         token: &'a str,
+        /// Optional trailing field (empty: absent, an old client's anonymous device).
+        device: &'a str,
     },
     LoginOk {
         version: u8,
@@ -239,10 +243,12 @@ impl Frame {
                 version,
                 user,
                 token,
+                device,
             } => FrameRef::Login {
                 version: *version,
                 user,
                 token,
+                device,
             },
             Frame::LoginOk {
                 version,
@@ -390,10 +396,12 @@ impl FrameRef<'_> {
                 version,
                 user,
                 token,
+                device,
             } => Frame::Login {
                 version,
                 user: user.to_owned(),
                 token: token.to_owned(),
+                device: device.to_owned(),
             },
             FrameRef::LoginOk {
                 version,
@@ -726,6 +734,21 @@ pub fn parse_frame_link(
             version: r.u8("version")?,
             user: r.str8("user")?,
             token: r.str16("token")?,
+            // Old clients end the frame after the token.
+            device: if r.pos < r.buf.len() {
+                let device = r.str8("device")?;
+                if device.is_empty() {
+                    // One encoding per LOGIN: no device is no field, not an empty one.
+                    return Err(DecodeError::new(
+                        E_BAD_FRAME,
+                        "LOGIN field device is empty (a trailing zero byte): omit the field"
+                            .to_string(),
+                    ));
+                }
+                device
+            } else {
+                ""
+            },
         },
         LOGIN_OK => FrameRef::LoginOk {
             version: r.u8("version")?,
@@ -1122,8 +1145,19 @@ pub(crate) fn check_str(
 pub fn encoded_len(frame: &FrameRef<'_>, max_frame: u32) -> Result<usize, EncodeError> {
     let f = frame;
     let payload = match *frame {
-        FrameRef::Login { user, token, .. } => {
-            1 + check_str(f, "user", user, STR8_MAX)? + check_str(f, "token", token, STR16_MAX)?
+        FrameRef::Login {
+            user,
+            token,
+            device,
+            ..
+        } => {
+            1 + check_str(f, "user", user, STR8_MAX)?
+                + check_str(f, "token", token, STR16_MAX)?
+                + if device.is_empty() {
+                    0
+                } else {
+                    check_str(f, "device", device, STR8_MAX)?
+                }
         }
         FrameRef::LoginOk { node, .. } => 2 + check_str(f, "node", node, STR8_MAX)? + 4,
         FrameRef::Send { msg_id, to, body } => {
@@ -1228,10 +1262,14 @@ pub fn write_frame(frame: &FrameRef<'_>, out: &mut [u8]) {
             version,
             user,
             token,
+            device,
         } => {
             w.u8(version);
             w.str8(user);
             w.str16(token);
+            if !device.is_empty() {
+                w.str8(device);
+            }
         }
         FrameRef::LoginOk {
             version,
@@ -1343,6 +1381,7 @@ pub(crate) mod tests {
                     version: 1,
                     user,
                     token: "",
+                    device: "",
                 },
                 DEFAULT_MAX_FRAME,
             )
@@ -1389,6 +1428,13 @@ pub(crate) mod tests {
                 version: 1,
                 user: "alice".into(),
                 token: "tok.en".into(),
+                device: String::new(),
+            },
+            Frame::Login {
+                version: 1,
+                user: "alice".into(),
+                token: "tok.en".into(),
+                device: "laptop".into(),
             },
             Frame::LoginOk {
                 version: 1,
@@ -1578,6 +1624,11 @@ pub(crate) mod tests {
                 _ => payload.len(),
             };
             for cut in 0..fixed {
+                if let Frame::Login { device, .. } = &f {
+                    if !device.is_empty() && cut == fixed - 1 - device.len() {
+                        continue; // an old client's LOGIN: the device field is optional
+                    }
+                }
                 let e = single_error(&raw(t, &payload[..cut]));
                 assert_eq!(e.code, E_BAD_FRAME, "{f:?} cut at {cut}: {e:?}");
                 assert!(e.reason.contains("truncated"), "{}", e.reason);
@@ -1620,6 +1671,7 @@ pub(crate) mod tests {
                     version: 1,
                     user: bad.into(),
                     token: "t".into(),
+                    device: String::new(),
                 },
                 "user",
             ),
@@ -1628,6 +1680,7 @@ pub(crate) mod tests {
                     version: 1,
                     user: "u".into(),
                     token: bad.into(),
+                    device: String::new(),
                 },
                 "token",
             ),
@@ -1790,6 +1843,7 @@ pub(crate) mod tests {
             version: 1,
             user: "u".into(),
             token: "t".repeat(65535),
+            device: String::new(),
         };
         assert!(encode(&f.as_ref(), u32::MAX).is_ok());
     }

@@ -41,7 +41,14 @@ fn frame_to_py<'py>(py: Python<'py>, f: &FrameRef<'_>) -> PyResult<Bound<'py, Py
             version,
             user,
             token,
-        } => (LOGIN, version, user, token).into_pyobject(py),
+            device,
+        } => {
+            if device.is_empty() {
+                (LOGIN, version, user, token).into_pyobject(py)
+            } else {
+                (LOGIN, version, user, token, device).into_pyobject(py)
+            }
+        }
         FrameRef::LoginOk {
             version,
             flags,
@@ -161,6 +168,12 @@ fn record_to_py<'py>(py: Python<'py>, r: &RecordRef<'_>) -> PyResult<Bound<'py, 
         RecordRef::Dedup { key, ts_ms, sender } => {
             (REC_DEDUP, PyBytes::new(py, &key), ts_ms, sender).into_pyobject(py)
         }
+        RecordRef::Cursor {
+            user,
+            device,
+            seq,
+            ts_ms,
+        } => (REC_CURSOR, user, device, seq, ts_ms).into_pyobject(py),
     }
 }
 
@@ -346,7 +359,7 @@ fn hold(obj: Bound<'_, PyAny>) -> PyResult<Held<'_>> {
 }
 
 fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
-    use repl::{REC_DEDUP, REC_DEL, REC_PUT};
+    use repl::{REC_CURSOR, REC_DEDUP, REC_DEL, REC_PUT};
     let t = obj
         .downcast::<PyTuple>()
         .map_err(|_| value_error(format!("record must be a tuple, got {}", type_name(obj))))?;
@@ -357,7 +370,7 @@ fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
     let head = t.get_borrowed_item(0)?;
     let kind: u8 = head.extract().map_err(|_| {
         value_error(format!(
-            "record kind must be an int (REC_PUT, REC_DEL or REC_DEDUP), got {}",
+            "record kind must be an int (REC_PUT, REC_DEL, REC_DEDUP or REC_CURSOR), got {}",
             describe(&head)
         ))
     })?;
@@ -365,6 +378,7 @@ fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
         REC_PUT => ("REC_PUT", 7),
         REC_DEL => ("REC_DEL", 3),
         REC_DEDUP => ("REC_DEDUP", 4),
+        REC_CURSOR => ("REC_CURSOR", 5),
         other => return Err(value_error(format!("unknown record kind {other}"))),
     };
     if n != arity {
@@ -387,6 +401,12 @@ fn record_from_py<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<RecordRef<'a>> {
             user: f.str(1, "user")?,
             seq: f.int(2, "seq", U64)?,
         },
+        REC_CURSOR => RecordRef::Cursor {
+            user: f.str(1, "user")?,
+            device: f.str(2, "device")?,
+            seq: f.int(3, "seq", U64)?,
+            ts_ms: f.int(4, "ts_ms", U64)?,
+        },
         _ => {
             let key = f.bytes(1, "key")?;
             RecordRef::Dedup {
@@ -408,6 +428,8 @@ fn frame_from_py<'a>(held: &'a Held<'_>) -> PyResult<Parsed<'a>> {
     let (t, ftype) = frame_tuple(&held.obj)?;
     let n = t.len();
     let (name, arity) = match ftype {
+        // LOGIN's device id is optional: 4 items without it, 5 with it.
+        LOGIN if n == 5 => ("LOGIN", 5),
         LOGIN => ("LOGIN", 4),
         LOGIN_OK => ("LOGIN_OK", 5),
         SEND => ("SEND", 4),
@@ -444,6 +466,7 @@ fn frame_from_py<'a>(held: &'a Held<'_>) -> PyResult<Parsed<'a>> {
             version: f.int(1, "version", U8)?,
             user: f.str(2, "user")?,
             token: f.str(3, "token")?,
+            device: if n == 5 { f.str(4, "device")? } else { "" },
         },
         LOGIN_OK => FrameRef::LoginOk {
             version: f.int(1, "version", U8)?,
@@ -966,7 +989,7 @@ impl PyDedupWindow {
 /// (REPL_APPEND, stream, first_lsn, [record, ...]), (REPL_ACK, stream, lsn),
 /// (REPL_HEARTBEAT, ts_ms, [(stream, last_lsn), ...]) with records
 /// (REC_PUT, user, seq, ts_ms, sender, msg_id, body), (REC_DEL, user, seq),
-/// (REC_DEDUP, key16, ts_ms, sender_hash);
+/// (REC_DEDUP, key16, ts_ms, sender_hash), (REC_CURSOR, user, device, seq, ts_ms);
 /// decode errors are (DECODE_ERROR, code, reason).
 #[pymodule]
 fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -999,6 +1022,7 @@ fn iris_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("REC_PUT", repl::REC_PUT),
         ("REC_DEL", repl::REC_DEL),
         ("REC_DEDUP", repl::REC_DEDUP),
+        ("REC_CURSOR", repl::REC_CURSOR),
         ("ROUTE_FLAG_REPLAY", ROUTE_FLAG_REPLAY),
         ("ACK_STORED", ACK_STORED),
         ("ACK_DUPLICATE", ACK_DUPLICATE),

@@ -25,6 +25,8 @@ pub const HELLO_SPLIT: u8 = 1;
 pub const REC_PUT: u8 = 1;
 pub const REC_DEL: u8 = 2;
 pub const REC_DEDUP: u8 = 3;
+/// A device's delivery cursor (docs/replication.md, "Record kinds").
+pub const REC_CURSOR: u8 = 4;
 
 /// Bytes of one `(stream u16, lsn u64)` entry.
 const STREAM_LSN_LEN: usize = 10;
@@ -57,6 +59,12 @@ pub enum Record {
         /// `dedup::sender_hash` of the key's sender (the key cannot tell).
         sender: u64,
     },
+    Cursor {
+        user: String,
+        device: String,
+        seq: u64,
+        ts_ms: u64,
+    },
 }
 
 /// A record borrowing its strings and body.
@@ -79,6 +87,13 @@ pub enum RecordRef<'a> {
         ts_ms: u64,
         /// `dedup::sender_hash` of the key's sender (the key cannot tell).
         sender: u64,
+    },
+    /// Device `device` of `user` has every message below `seq`; seen at `ts_ms`.
+    Cursor {
+        user: &'a str,
+        device: &'a str,
+        seq: u64,
+        ts_ms: u64,
     },
 }
 
@@ -106,6 +121,17 @@ impl Record {
                 ts_ms: *ts_ms,
                 sender: *sender,
             },
+            Record::Cursor {
+                user,
+                device,
+                seq,
+                ts_ms,
+            } => RecordRef::Cursor {
+                user,
+                device,
+                seq: *seq,
+                ts_ms: *ts_ms,
+            },
         }
     }
 }
@@ -116,6 +142,7 @@ impl RecordRef<'_> {
             RecordRef::Put { .. } => REC_PUT,
             RecordRef::Del { .. } => REC_DEL,
             RecordRef::Dedup { .. } => REC_DEDUP,
+            RecordRef::Cursor { .. } => REC_CURSOR,
         }
     }
 
@@ -141,6 +168,17 @@ impl RecordRef<'_> {
                 seq,
             },
             RecordRef::Dedup { key, ts_ms, sender } => Record::Dedup { key, ts_ms, sender },
+            RecordRef::Cursor {
+                user,
+                device,
+                seq,
+                ts_ms,
+            } => Record::Cursor {
+                user: user.to_owned(),
+                device: device.to_owned(),
+                seq,
+                ts_ms,
+            },
         }
     }
 
@@ -164,6 +202,11 @@ impl RecordRef<'_> {
             }
             RecordRef::Del { user, .. } => 1 + check_str(f, "user", user, STR8_MAX)? + 8,
             RecordRef::Dedup { .. } => 1 + 16 + 8 + 8,
+            RecordRef::Cursor { user, device, .. } => {
+                1 + check_str(f, "user", user, STR8_MAX)?
+                    + check_str(f, "device", device, STR8_MAX)?
+                    + 16
+            }
         })
     }
 
@@ -195,6 +238,17 @@ impl RecordRef<'_> {
                 w.bytes(&key);
                 w.bytes(&ts_ms.to_be_bytes());
                 w.bytes(&sender.to_be_bytes());
+            }
+            RecordRef::Cursor {
+                user,
+                device,
+                seq,
+                ts_ms,
+            } => {
+                w.str8(user);
+                w.str8(device);
+                w.bytes(&seq.to_be_bytes());
+                w.bytes(&ts_ms.to_be_bytes());
             }
         }
     }
@@ -233,6 +287,12 @@ fn read_record<'a>(r: &mut Reader<'a>, index: u32) -> Result<RecordRef<'a>, Deco
             key: r.array::<16>("key").map_err(at)?,
             ts_ms: r.u64("ts_ms").map_err(at)?,
             sender: r.u64("sender").map_err(at)?,
+        },
+        REC_CURSOR => RecordRef::Cursor {
+            user: r.str8("user").map_err(at)?,
+            device: r.str8("device").map_err(at)?,
+            seq: r.u64("seq").map_err(at)?,
+            ts_ms: r.u64("ts_ms").map_err(at)?,
         },
         other => {
             return Err(DecodeError {
@@ -650,7 +710,10 @@ mod tests {
             (REPL_HELLO, REPL_APPEND, REPL_ACK, REPL_HEARTBEAT),
             (0x61, 0x62, 0x63, 0x64)
         );
-        assert_eq!((REC_PUT, REC_DEL, REC_DEDUP, REPL_VERSION), (1, 2, 3, 2));
+        assert_eq!(
+            (REC_PUT, REC_DEL, REC_DEDUP, REC_CURSOR, REPL_VERSION),
+            (1, 2, 3, 4, 2)
+        );
         assert_eq!(HELLO_SPLIT, 1);
         assert!((0..=255u8).filter(|t| is_repl_type(*t)).eq(0x61..=0x64));
         assert!(std::mem::size_of::<Decoder>() <= 32);
@@ -953,7 +1016,7 @@ mod tests {
 
     #[test]
     fn unknown_record_kind_is_bad_frame() {
-        for kind in [0u8, 4, 0xff] {
+        for kind in [0u8, 5, 0xff] {
             let del = [REC_DEL, 0, 0, 0, 0, 0, 0, 0, 0, 1];
             let mut recs = del.to_vec();
             recs.extend([kind, 0, 0, 0]);

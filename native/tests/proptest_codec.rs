@@ -73,6 +73,14 @@ fn record() -> impl Strategy<Value = Record> {
         (str8(), any::<u64>()).prop_map(|(user, seq)| Record::Del { user, seq }),
         (any::<[u8; 16]>(), any::<u64>(), any::<u64>())
             .prop_map(|(key, ts_ms, sender)| Record::Dedup { key, ts_ms, sender }),
+        (str8(), str8(), any::<u64>(), any::<u64>()).prop_map(|(user, device, seq, ts_ms)| {
+            Record::Cursor {
+                user,
+                device,
+                seq,
+                ts_ms,
+            }
+        }),
     ]
 }
 
@@ -124,10 +132,13 @@ fn link_kind() -> impl Strategy<Value = LinkKind> {
 
 fn client_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u8>(), str8(), str16()).prop_map(|(version, user, token)| Frame::Login {
-            version,
-            user,
-            token
+        (any::<u8>(), str8(), str16(), str8()).prop_map(|(version, user, token, device)| {
+            Frame::Login {
+                version,
+                user,
+                token,
+                device,
+            }
         }),
         (any::<u8>(), any::<u8>(), str8(), any::<u32>()).prop_map(
             |(version, flags, node, max_frame)| Frame::LoginOk {

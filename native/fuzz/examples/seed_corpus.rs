@@ -23,6 +23,7 @@ fn client_frames() -> Vec<(&'static str, Frame)> {
                 version: 1,
                 user: "alice".into(),
                 token: "tok.en".into(),
+                device: "phone".into(),
             },
         ),
         (
