@@ -69,6 +69,8 @@ SERVE_OPTIONS: list[tuple[str, type, str]] = [
      "(least recently used go first; rebuilt from storage when needed)"),
     ("--message-ttl", float, "seconds a stored message is kept undelivered before it is deleted "
      "(0: never)"),
+    ("--device-ttl", float, "seconds a device id may stay unseen before it is forgotten and "
+     "no longer keeps its user's stored messages (negative: --message-ttl; 0: never)"),
     ("--max-conn-pending-writes", int, "bytes waiting to be written to one client before it is "
      "cut (raised to at least the 1 MiB delivery window + 2 x --max-frame)"),
     ("--socket-sndbuf", int, "kernel send buffer per client socket, bytes (0: autotuned); "
@@ -90,6 +92,7 @@ FIELD_OF = {
     "--heartbeat": "heartbeat_s",
     "--peer-timeout": "peer_timeout_s",
     "--message-ttl": "message_ttl_s",
+    "--device-ttl": "device_ttl_s",
     "--live-ack-timeout": "live_ack_timeout_s",
 }
 

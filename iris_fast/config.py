@@ -67,6 +67,9 @@ class ServerConfig:
     mailbox_per_sender_max_bytes: int = 32 << 20
     mailbox_cache: int = 50_000
     message_ttl_s: float = 30 * 86400.0
+    # A device id not seen for this long is forgotten (no longer pins its user's stored mail);
+    # negative: the message TTL; 0: never.
+    device_ttl_s: float = -1.0
     # Bytes one client may leave unread before it is cut (raised to fit a delivery window).
     max_conn_pending_writes: int = 8 << 20
     # Kernel send buffer per client socket (0: the kernel's autotuning, up to tcp_wmem's max).

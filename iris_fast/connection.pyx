@@ -80,6 +80,8 @@ cdef class Connection:
     cdef public bint handoff_pending
     # (user, preamble) for a socket adopted from another worker; consumed by the worker.
     cdef public object pending_login
+    # The device id given in LOGIN ("": none, an old client's anonymous device).
+    cdef public object device
     # Token bucket of this connection's SENDs (iris_fast.server.ratelimit.SendBucket), or None.
     cdef public object bucket
     # The client's source address (an interned str shared by its connections), once counted.
@@ -92,6 +94,7 @@ cdef class Connection:
         self._max_frame = max_frame
         self.next_tag = 1
         self.cursor = 0
+        self.device = ""
 
     # ---- asyncio protocol -------------------------------------------------------------------
 
@@ -138,7 +141,7 @@ cdef class Connection:
             elif t == T_PONG:
                 pass
             elif t == T_LOGIN:
-                worker.on_login(self, f[1], f[2], f[3])
+                worker.on_login(self, f[1], f[2], f[3], f[4] if len(f) > 4 else "")
                 if self.handoff_pending:
                     # What followed LOGIN travels as the client sent it (undecodable frames
                     # included: the home worker answers them).

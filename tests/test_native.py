@@ -648,3 +648,18 @@ def test_feed_login_returns_the_offset_past_the_first_good_login() -> None:
     assert d.pending() == 5
     assert d.feed_login(login[5:]) == ([(n.LOGIN, 1, "alice", "")], len(login) - 5)
     assert d.feed_login(ping) == ([(n.PING, 3)], None)
+
+
+def test_login_device_id_is_an_optional_trailing_field() -> None:
+    old = n.encode((n.LOGIN, 1, "u", "t"))
+    new = n.encode((n.LOGIN, 1, "u", "t", "phone"))
+    assert new == old[:3] + bytes([old[3] + 6]) + old[4:] + b"\x05phone"
+    dec = n.Decoder(1 << 16)
+    assert dec.feed(old + new) == [(n.LOGIN, 1, "u", "t"), (n.LOGIN, 1, "u", "t", "phone")]
+    # Present but empty: refused, so that a LOGIN has one encoding.
+    bad = old[:3] + bytes([old[3] + 1]) + old[4:] + b"\x00"
+    out = n.Decoder(1 << 16).feed(bad)
+    assert out[0][:2] == (n.DECODE_ERROR, n.E_BAD_FRAME), out
+    rec = (n.REC_CURSOR, "u", "phone", 7, 1234)
+    frame = (n.REPL_APPEND, 1, 3, [rec])
+    assert n.Decoder(1 << 16, repl=True).feed(n.encode(frame))[0][3] == [rec]

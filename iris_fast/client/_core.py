@@ -233,9 +233,12 @@ class ClientCore:
         self.decoder = nat.Decoder(max_frame=_DECODER_MAX_FRAME)
 
     @staticmethod
-    def login_frame(user: str, token: str) -> tuple:
+    def login_frame(user: str, token: str, device: str = "") -> tuple:
         _str8_len(user, "user id")
-        return (nat.LOGIN, PROTOCOL_VERSION, user, token)
+        if not device:
+            return (nat.LOGIN, PROTOCOL_VERSION, user, token)
+        _str8_len(device, "device id")
+        return (nat.LOGIN, PROTOCOL_VERSION, user, token, device)
 
     def resend_frames(self) -> list[tuple]:
         """SENDs for every unACKed message, oldest first, with their original msg_ids."""
@@ -420,8 +423,12 @@ class ClientBase:
         token: str | None = None,
         timeout: float = 10.0,
         ca_file: str | None = None,
+        device: str | None = None,
     ) -> None:
         self.host = host
+        # This device's id (docs/protocol.md, LOGIN): the server keeps a delivery cursor per
+        # device of a user, so every device gets every message. None: one anonymous device.
+        self.device = device
         self.port = port
         self.tls = tls
         self.token = token

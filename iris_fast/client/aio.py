@@ -47,9 +47,11 @@ class AsyncIrisClient(ClientBase):
 
     # -- public API ----------------------------------------------------------------------------
 
-    async def login(self, user: str, token: str | None = None) -> None:
+    async def login(self, user: str, token: str | None = None, device: str | None = None) -> None:
         """Connect (failing over across nodes) and log in; raises AuthError / ConnectionError."""
-        ClientCore.login_frame(user, "")  # validate before touching the network
+        if device is not None:
+            self.device = device
+        ClientCore.login_frame(user, "", self.device or "")  # validate before the network
         await self._stop()
         self.user = user
         if token is not None:
@@ -248,7 +250,9 @@ class AsyncIrisClient(ClientBase):
                 async with asyncio.timeout(limit):
                     await self._open(addr)
                     core.begin_connection()
-                    self._write(nat.encode(core.login_frame(self.user, self.token or "")))
+                    self._write(
+                        nat.encode(core.login_frame(self.user, self.token or "", self.device or ""))
+                    )
                     await self._handshake()
                 resend = core.resend_frames()
                 if resend:

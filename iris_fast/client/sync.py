@@ -44,13 +44,15 @@ class IrisClient(ClientBase):
 
     # -- public API ----------------------------------------------------------------------------
 
-    def login(self, user: str, token: str | None = None) -> None:
+    def login(self, user: str, token: str | None = None, device: str | None = None) -> None:
         """Connect (failing over across nodes) and log in as ``user``.
 
         Raises AuthError if the server refuses the login, ConnectionError if no node could be
         reached within ``timeout``.
         """
-        ClientCore.login_frame(user, "")  # validate before touching the network
+        if device is not None:
+            self.device = device
+        ClientCore.login_frame(user, "", self.device or "")  # validate before the network
         self.user = user
         if token is not None:
             self.token = token
@@ -244,7 +246,7 @@ class IrisClient(ClientBase):
                 core.begin_connection()
                 self._last_rx = time.monotonic()
                 self._ping_sent = None
-                login = core.login_frame(self.user, self.token or "")
+                login = core.login_frame(self.user, self.token or "", self.device or "")
                 self._write(nat.encode(login))
                 self._handshake(min(deadline, time.monotonic() + attempt_limit))
                 resend = core.resend_frames()

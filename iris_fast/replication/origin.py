@@ -450,6 +450,8 @@ def record_size(rec: tuple) -> int:
         return len(rec[6]) + 3 * 256 + 21
     if rec[0] == N.REC_DEL:
         return 256 + 9
+    if rec[0] == N.REC_CURSOR:
+        return 2 * 256 + 17
     return 25
 
 

@@ -169,6 +169,10 @@ class _WorkerCollector:
                 "Stored messages deleted undelivered at their TTL (--message-ttl)",
                 s.expired,
             ),
+            "iris_devices_forgotten": (
+                "Device ids forgotten after --device-ttl unseen (they no longer keep stored mail)",
+                s.devices_forgotten,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -44,6 +44,7 @@ class WorkerStats:
         "mailbox_sender_full",
         "mailboxes_evicted",
         "expired",
+        "devices_forgotten",
         "live_ack_timeouts",
         "local_peer_refused",
         "rejected_by_reason",
@@ -81,6 +82,7 @@ class WorkerStats:
         self.mailbox_sender_full = 0
         self.mailboxes_evicted = 0
         self.expired = 0
+        self.devices_forgotten = 0
         self.live_ack_timeouts = 0
         self.local_peer_refused = 0
         self.rejected_by_reason: dict[str, int] = {}

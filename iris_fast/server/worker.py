@@ -160,6 +160,11 @@ class Worker:
         self._per_sender_limit = config.mailbox_per_sender_limit
         self._per_sender_bytes = config.mailbox_per_sender_max_bytes
         self._ttl_ms = int(config.message_ttl_s * 1000)
+        # Per-device cursors (docs/architecture.md, "Issue 10: per-device cursors"): the known
+        # device ids of users loaded here -> [cursor, seen_ms], mirrored in LMDB.
+        self.known: dict[str, dict[str, list[int]]] = {}
+        ttl = config.device_ttl_s
+        self._device_ttl_ms = int((config.message_ttl_s if ttl < 0 else ttl) * 1000)
         self._ttl_cursor = b""
         # Back-pressure on worker links: bytes of self.routed per worker, and the senders whose
         # reads are paused until that worker has answered enough of them.
@@ -412,7 +417,9 @@ class Worker:
 
     # ---- frames in -------------------------------------------------------------------------------
 
-    def on_login(self, conn: Connection, version: int, user: str, token: str) -> None:
+    def on_login(
+        self, conn: Connection, version: int, user: str, token: str, device: str = ""
+    ) -> None:
         if conn.user is not None:
             self.reject(conn, P.E_ALREADY_LOGGED_IN, f"already logged in as {conn.user!r}")
             return
@@ -442,6 +449,9 @@ class Worker:
                 conn, source, P.E_AUTH_FAILED, "user id must be 1..255 bytes without NUL"
             )
             return
+        if "\0" in device:
+            self._login_failed(conn, source, P.E_AUTH_FAILED, "device id must not hold NUL")
+            return
         if self.auth is not None:
             try:
                 self.auth.verify(token, user)
@@ -449,6 +459,7 @@ class Worker:
                 self.stats.auth_failures += 1
                 self._login_failed(conn, source, P.E_AUTH_FAILED, str(exc))
                 return
+        conn.device = device
         if home_of(user, self.workers) != self.index:
             # Not this user's home: stop reading now (what is already read travels along) and
             # let the connection call finish_handoff with the frames that followed LOGIN.
@@ -472,6 +483,9 @@ class Worker:
         # frame is the end of ``rest``.
         conn.take_pending()
         preamble = rest
+        if conn.device:
+            # The device id travels after a NUL, which no user id holds (see adopt).
+            user = f"{user}\0{conn.device}"
         self._try_handoff(conn, home, user, preamble, time.monotonic() + HANDOFF_RETRY_S, 0.001)
 
     def _try_handoff(
@@ -536,9 +550,11 @@ class Worker:
                 sock.close()
             return
         max_frame = self.config.max_frame
+        user, _, device = user.partition("\0")
 
         def factory() -> Connection:
             conn = Connection(self, max_frame)
+            conn.device = device
             conn.pending_login = (user, preamble)
             return conn
 
@@ -555,6 +571,16 @@ class Worker:
         self.unauthenticated.discard(conn)
         conn.user = user
         conn.cursor = 0
+        known = self._known(user)
+        if conn.device:
+            now_ms = int(time.time() * 1000)
+            ent = known.get(conn.device)
+            if ent is None:
+                # A new device gets whatever is still stored.
+                ent = known[conn.device] = [0, now_ms]
+            ent[1] = now_ms
+            conn.cursor = ent[0]
+            self.store.put_cursor(user, conn.device, ent[0], now_ms)
         first = self.sessions.get(user)
         if first is None:
             self.sessions[user] = conn
@@ -805,6 +831,7 @@ class Worker:
             rcpt is not None
             and mb.last_seq < rcpt.cursor
             and to not in self.devices
+            and len(self.known.get(to) or ()) < 2
             and (rcpt.inflight is None or len(rcpt.inflight) < self._max_inflight)
             and rcpt.inflight_bytes < self._max_inflight_bytes
             and not rcpt.write_paused
@@ -846,6 +873,8 @@ class Worker:
         stats = self.stats
         now_ms = 0
         mb = None
+        ent = self._known(user).get(conn.device) if conn.device else None
+        moved = False
         while inflight and inflight[0][0] <= tag:
             rec = inflight.popleft()[1]
             seq, sender, msg_id, _ts, body, stored = rec
@@ -854,21 +883,21 @@ class Worker:
             if stored:
                 if mb is None:
                     mb = self._mailbox(user)
+                if ent is not None and seq >= ent[0]:
+                    ent[0] = seq + 1
+                    moved = True
                 if stored == GONE:
                     if mb.acks:
                         mb.acks.pop(seq, None)
                     continue
-                devices = self.devices.get(user)
-                if devices is not None:
-                    # Deleted only once every device online has it.
+                if ent is None:
+                    # An anonymous session's ack counts for that session only.
                     if mb.acks is None:
                         mb.acks = {}
-                    acked = mb.acks.setdefault(seq, set())
-                    acked.add(conn)
-                    if len(acked) < len(devices):
-                        continue
-                    del mb.acks[seq]
-                elif mb.acks:
+                    mb.acks.setdefault(seq, set()).add(conn)
+                if not self._all_have(user, mb, seq):
+                    continue
+                if mb.acks:
                     mb.acks.pop(seq, None)
                 self._delete_stored(user, mb, seq, len(body))
             else:
@@ -884,6 +913,9 @@ class Worker:
                     # it is not waited for (the message itself is already delivered).
                     self.store.put_dedup(dedup_key(sender, msg_id), now_ms, dedup_sender(sender))
                     self._complete(sender, msg_id, 0)
+        if moved:
+            ent[1] = now_ms or int(time.time() * 1000)
+            self.store.put_cursor(user, conn.device, ent[0], ent[1])
         self._pump(conn)
 
     def on_decode_error(self, conn: Connection, code: int, reason: str) -> None:
@@ -938,16 +970,76 @@ class Worker:
         self.store.delete(user, seq, self._deleted_cb(user, seq))
 
     def _forget_device_acks(self, user: str, gone: Connection, left: list[Connection]) -> None:
-        """A device left: messages every remaining device acknowledged can go now."""
+        """A session left: messages every remaining session and known device has can go now."""
         mb = self.mailboxes.get(user)
         if mb is None or not mb.acks:
             return
-        remaining = set(left)
         for seq, acked in list(mb.acks.items()):
             acked.discard(gone)
-            if remaining <= acked:
+            if self._all_have(user, mb, seq):
                 del mb.acks[seq]
                 self._delete_stored(user, mb, seq)
+            elif not acked:
+                del mb.acks[seq]
+
+    def _all_have(self, user: str, mb: Mailbox, seq: int) -> bool:
+        """Whether stored message ``seq`` may go: every anonymous session online acknowledged
+        it (mb.acks) and every known device's cursor is past it (online or not)."""
+        acked = mb.acks.get(seq) if mb.acks else None
+        for s in self._sessions_of(user):
+            if not s.device and (acked is None or s not in acked):
+                return False
+        return all(ent[0] > seq for ent in self._known(user).values())
+
+    def _known(self, user: str) -> dict[str, list[int]]:
+        known = self.known.get(user)
+        if known is None:
+            known = self.known[user] = self.store.load_devices(user)
+            if known and self._device_ttl_ms:
+                cutoff = int(time.time() * 1000) - self._device_ttl_ms
+                for device in [d for d, ent in known.items() if ent[1] < cutoff]:
+                    del known[device]
+                    self.store.forget_device(user, device)
+        return known
+
+    def sweep_devices(self, now_ms: int) -> int:
+        """Forget the devices not seen for --device-ttl (never one online) and delete what
+        they alone kept stored; returns how many were forgotten."""
+        if not self._device_ttl_ms:
+            return 0
+        cutoff = now_ms - self._device_ttl_ms
+        forgotten = 0
+        for user, known in list(self.known.items()):
+            online = {s.device for s in self._sessions_of(user)}
+            old = [d for d, ent in known.items() if ent[1] < cutoff and d not in online]
+            for device in old:
+                del known[device]
+                self.store.forget_device(user, device)
+            if old:
+                forgotten += len(old)
+                self._release(user)
+        if forgotten:
+            self.stats.devices_forgotten += forgotten
+            log.info("forgot %d devices not seen for %g s", forgotten, self._device_ttl_ms / 1000)
+        return forgotten
+
+    def _release(self, user: str) -> None:
+        """Delete the stored messages every remaining known device has (after a device was
+        forgotten). With no known device left, or an anonymous session online (it reads the
+        mailbox from the start), they stay: an anonymous device has no cursor."""
+        known = self._known(user)
+        if not known or any(not s.device for s in self._sessions_of(user)):
+            return
+        floor = min(ent[0] for ent in known.values())
+        mb = self._mailbox(user)
+        if not mb.count:
+            return
+        for seq, *_ in self.store.read(user, 0, mb.count, mb.deleting):
+            if seq >= floor:
+                break
+            if mb.acks:
+                mb.acks.pop(seq, None)
+            self._delete_stored(user, mb, seq)
 
     def _store_live_inflight(self, conn: Connection, upto: int | None = None) -> int:
         """Turn a session's unacknowledged live deliveries (those with tag <= ``upto``, or all)
@@ -1026,6 +1118,7 @@ class Worker:
                 if user == keep:
                     return  # went round: everything before it was looked at
             else:
+                self.known.pop(user, None)  # LMDB holds it too
                 excess -= 1
                 self.stats.mailboxes_evicted += 1
 
@@ -1301,6 +1394,12 @@ class Worker:
                 self._mailbox(user).add_queued(seq, len(body))
             elif kind == N.REC_DEDUP:
                 dedup.insert_key(rec[1], DEDUP_DONE, rec[2], rec[3])
+            elif kind == N.REC_CURSOR:
+                # The device acknowledged on the peer: it resumes here from there.
+                known = self.known.get(rec[1])
+                if known is not None:
+                    ent = known.setdefault(rec[2], [0, 0])
+                    ent[0], ent[1] = max(ent[0], rec[3]), max(ent[1], rec[4])
             kept.append(rec)
         self.store.apply(kept, last_lsn, lambda results: self._applied(kept, results, done))
         # Our copies that lost to the peer's go after the peer's is queued: the writer commits
@@ -1395,7 +1494,7 @@ class Worker:
     ) -> None:
         for rec, changed in zip(records, results, strict=True):
             kind = rec[0]
-            if kind == N.REC_DEDUP:
+            if kind == N.REC_DEDUP or kind == N.REC_CURSOR:
                 continue
             user, seq = rec[1], rec[2]
             mb = self.mailboxes.get(user)

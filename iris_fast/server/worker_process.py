@@ -142,6 +142,7 @@ async def run_worker(config: ServerConfig) -> int:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             worker.sweep(monotonic())
             worker.sweep_expired(int(time.time() * 1000))
+            worker.sweep_devices(int(time.time() * 1000))
             metrics.tick()
             if time.monotonic() - last_prune > DEDUP_PRUNE_INTERVAL_S:
                 last_prune = time.monotonic()

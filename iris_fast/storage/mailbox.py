@@ -71,8 +71,8 @@ CLOSE_ATTEMPTS = 3
 StoredMessage = tuple[int, str, str, int, bytes]
 
 # A replication record as the codec represents it: (REC_PUT, user, seq, ts_ms, sender, msg_id,
-# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms, sender_hash), and one with its log
-# position.
+# body) | (REC_DEL, user, seq) | (REC_DEDUP, key16, ts_ms, sender_hash) |
+# (REC_CURSOR, user, device, cursor, seen_ms), and one with its log position.
 Record = tuple[Any, ...]
 LoggedRecord = tuple[int, Record]
 
@@ -179,6 +179,9 @@ class MailboxStore:
         self._dedup_shared = self.env.open_db(b"dedup")
         self._dedup_layout_key = b"dedup_workers:%d" % writer_id
         self._meta = self.env.open_db(b"meta")
+        # Known devices of each user (docs/architecture.md, "Issue 10: per-device cursors"):
+        # user | 0x00 | device -> cursor u64 (every seq below it acknowledged) | seen_ms u64.
+        self._devices = self.env.open_db(b"devices")
         self._rlog = self.env.open_db(b"rlog:%d" % writer_id)
         self.writer_id = writer_id
         self._loop = loop
@@ -435,7 +438,34 @@ class MailboxStore:
             nxt = bytes(cur.key()) if on else b""
         return out, nxt
 
+    def load_devices(self, user: str) -> dict[str, list[int]]:
+        """The known devices of ``user``: device -> [cursor, seen_ms]."""
+        prefix = user.encode() + b"\x00"
+        out: dict[str, list[int]] = {}
+        with self.env.begin(db=self._devices) as txn:
+            cur = txn.cursor()
+            on = cur.set_range(prefix)
+            while on and cur.key().startswith(prefix):
+                value = cur.value()
+                out[cur.key()[len(prefix) :].decode()] = [
+                    _SEQ.unpack_from(value, 0)[0], _TS.unpack_from(value, 8)[0],
+                ]  # fmt: skip
+                on = cur.next()
+        return out
+
     # ---- writes (queued from the loop thread, applied by the writer) -------------------------
+
+    def put_cursor(self, user: str, device: str, cursor: int, seen_ms: int) -> None:
+        """Queue a device's cursor and last-seen time (lazy: losing the last one in a crash
+        redelivers what it acknowledged since, which the client's dedup absorbs)."""
+        lsn, log = self._log((N.REC_CURSOR, user, device, cursor, seen_ms))
+        key = user.encode() + b"\x00" + device.encode()
+        self._enqueue(("cursor", key, _SEQ.pack(cursor) + _TS.pack(seen_ms), lsn, log), None)
+
+    def forget_device(self, user: str, device: str) -> None:
+        """Queue the removal of a device past --device-ttl. Not logged: the peer forgets it by
+        its own sweep (the same last-seen time, replicated, expires there too)."""
+        self._enqueue(("uncursor", user.encode() + b"\x00" + device.encode()), None)
 
     def put(
         self,
@@ -777,6 +807,11 @@ class MailboxStore:
                     txn.delete(op[1], db=msgs)
                 elif kind == "dedup":
                     txn.put(op[1], b"", db=dedup)
+                elif kind == "cursor":
+                    txn.put(op[1], op[2], db=self._devices)
+                elif kind == "uncursor":
+                    txn.delete(op[1], db=self._devices)
+                    continue
                 elif kind == "apply":
                     op[3][:] = [self._apply_record(txn, rec) for rec in op[1]]
                     txn.put(self._applied_key, _SEQ.pack(op[2]), db=self._meta)
@@ -822,6 +857,16 @@ class MailboxStore:
             return bool(new)
         if kind == N.REC_DEL:
             return bool(txn.delete(mailbox_key(rec[1], rec[2]), db=self._msgs))
+        if kind == N.REC_CURSOR:
+            # Cursors only move forward: a late record never takes one back.
+            key = rec[1].encode() + b"\x00" + rec[2].encode()
+            old = txn.get(key, db=self._devices)
+            cursor, seen = rec[3], rec[4]
+            if old is not None:
+                cursor = max(cursor, _SEQ.unpack_from(old, 0)[0])
+                seen = max(seen, _TS.unpack_from(old, 8)[0])
+            txn.put(key, _SEQ.pack(cursor) + _TS.pack(seen), db=self._devices)
+            return True
         txn.put(_TS.pack(rec[2]) + rec[1] + _SEQ.pack(rec[3]), b"", db=self._dedup)
         return True
 
