@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import iris_native as N
@@ -10,7 +11,7 @@ import pytest
 from rawclient import RawClient
 from test_retention import stored_in_lmdb, wait_for
 
-from iris_fast.client import IrisClient
+from iris_fast.client import AsyncIrisClient, IrisClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -134,3 +135,20 @@ def test_a_device_id_crosses_a_worker_hand_off(server_factory):
     assert [f[5] for f in laptop.collect(N.DELIVER, 4)] == [f"M{i}".encode() for i in range(4)]
     again = login(srv.addr, "ho", "phone")
     assert again.drain(0.5) == []
+
+
+def test_the_async_client_names_its_device_too(server):
+    register(server.addr, "aio", "phone", "laptop")
+    send_n(server.addr, "aio", 2)
+
+    async def read(device: str) -> list[bytes]:
+        c = AsyncIrisClient(*server.addr, device=device)
+        try:
+            await c.login("aio")
+            return [(await c.recv(timeout=5)).body for _ in range(2)]
+        finally:
+            await c.close()
+
+    assert asyncio.run(read("phone")) == [b"M0", b"M1"]
+    assert asyncio.run(read("laptop")) == [b"M0", b"M1"]  # the phone's acks did not take them
+    wait_for(lambda: stored_in_lmdb(server.data_dir, "aio") == [], 10, "deletion once both had it")
