@@ -403,6 +403,8 @@ class Worker:
             self._forget_device_acks(user, conn, devices)
         elif self.sessions.get(user) is conn:
             del self.sessions[user]
+            # An anonymous session's acks of messages a known device still lacks.
+            self._forget_device_acks(user, conn, [])
         inflight = conn.inflight
         conn.inflight = None
         if inflight:
