@@ -70,6 +70,7 @@ class FakeConn:
         self.cursor = 0
         self.next_tag = 1
         self.bucket = None
+        self.device = ""  # an anonymous device (no id in LOGIN)
         self.source = None
         self.last_active = W.monotonic()
 

@@ -67,11 +67,12 @@ class OriginStream:
         # The stream's identity in HELLO: the peer's applied LSN means something only if it
         # counts in this epoch (docs/replication.md, "Stream identity").
         self.epoch = store.stream_epoch()
-        # A full copy in progress: its LSN, phase (0 mailboxes, 1 end marker to send, 2 waiting
-        # for the peer's ACK of it) and the key to continue after.
+        # A full copy in progress: its LSN, phase (0 mailboxes then device cursors, 1 end marker
+        # to send, 2 waiting for the peer's ACK of it) and the key to continue after.
         self.snapshot_lsn: int | None = None
         self._snap_phase = 0
         self._snap_after = b""
+        self._snap_cursors = False
         self._snap_started = 0.0
         self.full_copies = 0
         self.snapshot_records = 0
@@ -200,6 +201,7 @@ class OriginStream:
             self.snapshot_lsn = self.sent = self.committed
             self._snap_phase = 0
             self._snap_after = b""
+            self._snap_cursors = False
             self._snap_started = time.monotonic()
             self.snapshot_records = 0
             self.catching_up = True
@@ -267,12 +269,20 @@ class OriginStream:
         # starts later would load those of other workers' users (docs/replication.md).
         while (self._snap_phase == 0 and link.transport is not None
                and link.transport.get_write_buffer_size() < SNAPSHOT_BUFFER):  # fmt: skip
-            recs, nxt = self.store.read_snapshot(self._snap_after, homed, BATCH_RECORDS,
-                                                 BATCH_BYTES)  # fmt: skip
+            if self._snap_cursors:
+                recs, nxt = self.store.read_snapshot_cursors(self._snap_after, homed,
+                                                             BATCH_RECORDS)  # fmt: skip
+            else:
+                recs, nxt = self.store.read_snapshot(self._snap_after, homed, BATCH_RECORDS,
+                                                     BATCH_BYTES)  # fmt: skip
             if recs:
                 link.send((N.REPL_APPEND, stream, lsn, recs))
                 self.snapshot_records += len(recs)
-            if nxt is None:
+            if nxt is None and not self._snap_cursors:
+                # Then the device cursors (docs/replication.md, "Full copy").
+                self._snap_cursors = True
+                self._snap_after = b""
+            elif nxt is None:
                 self._snap_phase = 1
             else:
                 self._snap_after = nxt

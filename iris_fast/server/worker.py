@@ -165,6 +165,7 @@ class Worker:
         self.known: dict[str, dict[str, list[int]]] = {}
         ttl = config.device_ttl_s
         self._device_ttl_ms = int((config.message_ttl_s if ttl < 0 else ttl) * 1000)
+        self._devices_sweep_at = 0
         self._ttl_cursor = b""
         # Back-pressure on worker links: bytes of self.routed per worker, and the senders whose
         # reads are paused until that worker has answered enough of them.
@@ -1007,8 +1008,11 @@ class Worker:
     def sweep_devices(self, now_ms: int) -> int:
         """Forget the devices not seen for --device-ttl (never one online) and delete what
         they alone kept stored; returns how many were forgotten."""
-        if not self._device_ttl_ms:
+        if not self._device_ttl_ms or now_ms < self._devices_sweep_at:
             return 0
+        # A pass looks at every loaded user, so it runs every ttl/8 (1..60 s), not every second:
+        # with a 30-day TTL, a minute late to forget is nothing, and 100,000 users a second is.
+        self._devices_sweep_at = now_ms + min(max(self._device_ttl_ms // 8, 1000), 60_000)
         cutoff = now_ms - self._device_ttl_ms
         forgotten = 0
         for user, known in list(self.known.items()):

@@ -581,6 +581,29 @@ class MailboxStore:
                 if not cur.next():
                     return out, None
 
+    def read_snapshot_cursors(
+        self, after: bytes, want: Callable[[str], bool], limit: int
+    ) -> tuple[list[Record], bytes | None]:
+        """Device cursors of the users ``want`` accepts, as CURSOR records, in key order from
+        just after key ``after`` (b"": the start); returns them and the key to continue after
+        (None: done). The full copy sends them after the messages: applying one is a max, so
+        a copy never takes a cursor back."""
+        out: list[Record] = []
+        with self.env.begin(db=self._devices, buffers=False) as txn:
+            cur = txn.cursor()
+            on = cur.set_range(after + b"\x00") if after else cur.first()
+            while on:
+                key = cur.key()
+                user, _, device = key.partition(b"\x00")
+                if want(user.decode()):
+                    value = cur.value()
+                    cursor, seen = _SEQ.unpack_from(value, 0)[0], _TS.unpack_from(value, 8)[0]
+                    out.append((N.REC_CURSOR, user.decode(), device.decode(), cursor, seen))
+                    if len(out) >= limit:
+                        return out, key
+                on = cur.next()
+        return out, None
+
     def log_first(self) -> int:
         """LSN of the oldest record still in the log (0 if empty)."""
         with self.env.begin(db=self._rlog) as txn:

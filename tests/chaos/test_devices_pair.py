@@ -3,6 +3,7 @@ pair resumes where it acknowledged (docs/replication.md, REC_CURSOR)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import iris_native as N
@@ -56,3 +57,36 @@ def test_a_device_resumes_from_its_cursor_on_the_other_node(pair):
     # The phone, back on b, gets nothing a second time either.
     phone = login(pair.b.addr, rcpt, "phone")
     assert phone.drain(0.5) == []
+
+
+def test_a_full_copy_carries_the_device_cursors(pair):
+    """A node rebuilt from an empty data directory gets the cursors with the messages: a device
+    that had acknowledged part of its mailbox resumes there on the rebuilt node."""
+    sender, rcpt = users_on(2, 0, 1, prefix="fdev")
+    for device in ("phone", "laptop"):
+        login(pair.a.addr, rcpt, device).close()
+    s = RawClient(pair.a.addr)
+    s.login(sender)
+    s.send(*[(N.SEND, f"f{i}", rcpt, f"F{i}".encode()) for i in range(10)])
+    assert {a[2] for a in s.collect(N.ACK, 10)} == {N.ACK_STORED}
+    s.close()
+    laptop = login(pair.a.addr, rcpt, "laptop")
+    got = laptop.collect(N.DELIVER, 10)
+    laptop.send((N.DELIVER_ACK, got[3][1]))  # the first four
+    time.sleep(0.5)
+    laptop.close()
+    wait_for(lambda: pair.a.metrics()["iris_repl_lag_records"] == 0, 20, "lag 0 on a")
+    pair.b.kill9()
+    shutil.rmtree(pair.b.data_dir)
+    pair.b.data_dir.mkdir()
+    pair.b.start(accept=("ok", "degraded"))
+    pair.wait_paired()
+    assert pair.b.metrics()["iris_repl_full_copies_applied_total"] >= 2
+    assert len(stored_in_lmdb(pair.b.data_dir, rcpt)) == 10  # the phone has none of them
+    laptop = login(pair.b.addr, rcpt, "laptop")
+    got = laptop.collect(N.DELIVER, 6)
+    assert [f[5] for f in got] == [f"F{i}".encode() for i in range(4, 10)]
+    assert laptop.drain(0.5) == []
+    laptop.close()
+    phone = login(pair.b.addr, rcpt, "phone")
+    assert [f[5] for f in phone.collect(N.DELIVER, 10)] == [f"F{i}".encode() for i in range(10)]
